@@ -1,0 +1,363 @@
+"""Command line: fit, predict and evaluate.
+
+    python -m padim_core fit --train DIR --out MODEL [...]
+    python -m padim_core predict --model MODEL [--out DIR] [--csv FILE] PATH...
+    python -m padim_core evaluate --model MODEL --data DIR [--json FILE]
+
+Exit status 0 on success, 2 with a one-line message on stderr for bad
+arguments or unusable input. Progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from padim_core import metrics
+from padim_core.anomaly_map import anomaly_maps
+from padim_core.backbones import BACKBONES, WeightsUnavailableError
+from padim_core.images import DEFAULT_IMAGE_SIZE, Skipped, find_images, read_image
+from padim_core.model import DEFAULT_BATCH_SIZE, Padim, Thresholds
+from padim_core.model_file import ModelFileError, load_model, save_model
+from padim_core.mvtec import read_mask, read_test_set
+from padim_core.visualize import draw_outline, overlay
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CLI_BACKBONE = "efficientnet_lite0"
+
+
+class UsageError(Exception):
+    """Bad arguments or unusable input: exit 2 with this message."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the three commands."""
+    parser = _Parser(prog="python -m padim_core", description=__doc__.split("\n")[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    fit = commands.add_parser("fit", help="fit a model on images of good parts")
+    fit.add_argument("--train", required=True, type=Path, help="folder of good images")
+    fit.add_argument("--out", required=True, type=Path, help="model file to write")
+    fit.add_argument("--backbone", default=DEFAULT_CLI_BACKBONE, choices=sorted(BACKBONES))
+    fit.add_argument("--layers", nargs="+", help="backbone layers (default: table's)")
+    fit.add_argument("--n-features", type=int, help="random channels kept")
+    fit.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
+    fit.add_argument("--seed", type=int, default=0, help="seed of the channel subset")
+    fit.add_argument("--no-pretrained", action="store_true", help="random weights")
+    fit.add_argument("--weights", type=Path, help="local backbone weights file")
+    fit.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+
+    predict = commands.add_parser("predict", help="score images with a model")
+    predict.add_argument("--model", required=True, type=Path)
+    predict.add_argument("--out", type=Path, help="folder for heatmap overlays (PNG)")
+    predict.add_argument("--csv", type=Path, help="write path,score,verdict here")
+    predict.add_argument("--threshold", type=float, help="override the image threshold")
+    predict.add_argument("--weights", type=Path, help="local backbone weights file")
+    predict.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    predict.add_argument("paths", nargs="+", type=Path, help="image files or folders")
+
+    evaluate = commands.add_parser("evaluate", help="metrics on an MVTec-layout set")
+    evaluate.add_argument("--model", required=True, type=Path)
+    evaluate.add_argument("--data", required=True, type=Path)
+    evaluate.add_argument("--json", type=Path, help="also write the JSON here")
+    evaluate.add_argument(
+        "--save-thresholds",
+        action="store_true",
+        help="store the F1-optimal image and pixel thresholds in the model",
+    )
+    evaluate.add_argument("--weights", type=Path, help="local backbone weights file")
+    evaluate.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    return parser
+
+
+def _progress(quiet: bool, label: str):
+    start = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        if quiet or total == 0:
+            return
+        elapsed = time.perf_counter() - start
+        left = elapsed / done * (total - done) if done else math.nan
+        print(
+            f"\r{label}: {done}/{total} images, {elapsed:.0f}s, ~{left:.0f}s left",
+            end="" if done < total else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return report
+
+
+def _report_skipped(skipped: Sequence[Skipped]) -> None:
+    for item in skipped:
+        print(f"skipped {item.name}: {item.reason}", file=sys.stderr)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    """Fit on every image under ``--train`` and write the model file."""
+    _check_batch_size(args.batch_size)
+    if not args.train.is_dir():
+        raise UsageError(f"--train {args.train}: not a folder")
+    paths, skipped = find_images([args.train])
+    if not paths:
+        raise UsageError(f"--train {args.train}: no image files found")
+    padim = Padim(
+        backbone=args.backbone,
+        layers=args.layers,
+        pre_trained=not args.no_pretrained,
+        n_features=args.n_features,
+        image_size=args.image_size,
+        seed=args.seed,
+        weights=args.weights,
+    )
+    report = padim.fit(paths, args.batch_size, _progress(args.quiet, "fit"))
+    _report_skipped(skipped + report.skipped)
+    padim.metadata["train_dir"] = str(args.train)
+    save_model(padim, args.out)
+    print(
+        f"fitted {padim.config.backbone} on {report.images} images in "
+        f"{report.seconds:.1f}s; model written to {args.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _verdict(score: float, threshold: float | None) -> str:
+    if threshold is None:
+        return "unset"
+    return "fail" if score >= threshold else "pass"
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Score images; print or write ``path,score,verdict``; draw overlays."""
+    _check_batch_size(args.batch_size)
+    padim = load_model(args.model, weights=args.weights)
+    threshold = args.threshold if args.threshold is not None else padim.thresholds.image
+    paths, skipped = find_images(args.paths)
+    if not paths:
+        _report_skipped(skipped)
+        raise UsageError("no image files among the paths given")
+    rows, grids = [], []
+    progress = _progress(args.quiet, "predict")
+    for prediction, batch_skipped, batch in padim.predict_batches(paths, args.batch_size):
+        skipped.extend(batch_skipped)
+        progress(batch.done, batch.total)
+        if prediction is None:
+            continue
+        for name, score, grid in zip(
+            prediction.names, prediction.scores.tolist(), prediction.distances
+        ):
+            rows.append((name, score, _verdict(score, threshold)))
+            if args.out is not None:
+                grids.append(grid)
+    _report_skipped(skipped)
+    if not rows:
+        raise UsageError("none of the images could be used")
+    _write_rows(rows, args.csv)
+    if args.out is not None:
+        _write_overlays(padim, rows, grids, args.out, threshold)
+    if threshold is None:
+        print(
+            "note: the model has no image threshold; verdicts are 'unset' "
+            "(give --threshold, or run evaluate --save-thresholds)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _write_rows(rows: list[tuple[str, float, str]], path: Path | None) -> None:
+    handle = sys.stdout if path is None else open(path, "w", newline="")
+    try:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "score", "verdict"])
+        for name, score, verdict in rows:
+            writer.writerow([name, f"{score:.4f}", verdict])
+    finally:
+        if path is not None:
+            handle.close()
+
+
+def display_scale(thresholds: Thresholds, scores: Sequence[float]) -> Thresholds:
+    """A complete colour scale: the model's thresholds, else the scores' range.
+
+    Every image of a run shares the scale, so equal colours mean equal
+    distances.
+    """
+    low = thresholds.score_min if thresholds.score_min is not None else 0.0
+    high = thresholds.score_max if thresholds.score_max is not None else max(scores)
+    middle = thresholds.image if thresholds.image is not None else (low + high) / 2
+    low, high = min(low, middle), max(high, middle)
+    return Thresholds(image=middle, pixel=thresholds.pixel, score_min=low, score_max=high)
+
+
+def _write_overlays(
+    padim: Padim,
+    rows: list[tuple[str, float, str]],
+    grids: list[torch.Tensor],
+    folder: Path,
+    threshold: float | None,
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    scale = display_scale(
+        Thresholds(threshold, padim.thresholds.pixel, padim.thresholds.score_min,
+                   padim.thresholds.score_max),
+        [score for _, score, _ in rows],
+    )
+    size = (padim.config.image_size, padim.config.image_size)
+    used: set[str] = set()
+    for (name, _, _), grid in zip(rows, grids):
+        image = read_image(name)
+        raw = anomaly_maps(grid.unsqueeze(0), size)[0].numpy()
+        normalized = metrics.normalize_scores(
+            raw, scale.image, scale.score_min, scale.score_max
+        )
+        picture = overlay(image, normalized)
+        if scale.pixel is not None:
+            picture = draw_outline(picture, raw >= scale.pixel)
+        stem = Path(name).stem
+        unique, k = stem, 1
+        while unique in used:
+            unique, k = f"{stem}_{k}", k + 1
+        used.add(unique)
+        picture.save(folder / f"{unique}_heatmap.png")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Print metrics of the model on an MVTec-layout test set as JSON."""
+    _check_batch_size(args.batch_size)
+    start = time.perf_counter()
+    try:
+        samples, skipped = read_test_set(args.data)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if not samples:
+        raise UsageError(f"--data {args.data}: no test images found")
+    padim = load_model(args.model, weights=args.weights)
+    size = padim.config.image_size
+    by_name = {str(sample.path): sample for sample in samples}
+    labels, scores, maps, masks = [], [], [], []
+    progress = _progress(args.quiet, "evaluate")
+    sources = [sample.path for sample in samples]
+    for prediction, batch_skipped, batch in padim.predict_batches(sources, args.batch_size):
+        skipped.extend(batch_skipped)
+        progress(batch.done, batch.total)
+        if prediction is None:
+            continue
+        for i, name in enumerate(prediction.names):
+            sample = by_name[name]
+            labels.append(sample.label)
+            scores.append(float(prediction.scores[i]))
+            maps.append(prediction.maps[i].numpy())
+            masks.append(read_mask(sample, size))
+    _report_skipped(skipped)
+    if not labels:
+        raise UsageError("none of the test images could be used")
+    result = _evaluation(np.array(labels), np.array(scores), np.stack(maps), np.stack(masks))
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    result["skipped"] = [{"path": s.name, "reason": s.reason} for s in skipped]
+    if args.save_thresholds:
+        _save_thresholds(padim, args.model, result, scores)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+def _evaluation(
+    labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray
+) -> dict:
+    """Image and pixel metrics; undefined ones are None in the JSON."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", metrics.MetricWarning)
+        threshold, f1 = (math.nan, math.nan)
+        if labels.any() and not labels.all():
+            threshold, f1 = metrics.optimal_f1_threshold(labels, scores)
+        pixel_threshold = math.nan
+        if masks.any():
+            pixel_threshold, _ = metrics.optimal_f1_threshold(
+                masks.ravel()[:: _stride(masks.size)],
+                maps.ravel()[:: _stride(masks.size)],
+            )
+        values = {
+            "image_auroc": metrics.image_auroc(labels, scores),
+            "pixel_auroc": metrics.pixel_auroc(masks, maps),
+            "aupro": metrics.aupro(masks, maps),
+            "image_f1": f1,
+            "threshold": threshold,
+            "pixel_threshold": pixel_threshold,
+        }
+    result = {key: (None if math.isnan(v) else round(float(v), 4)) for key, v in values.items()}
+    result["n_good"] = int((labels == 0).sum())
+    result["n_defect"] = int((labels == 1).sum())
+    return result
+
+
+def _stride(size: int, limit: int = 4_000_000) -> int:
+    """Subsampling step that keeps at most ``limit`` pixels for a threshold search."""
+    return max(1, size // limit)
+
+
+def _save_thresholds(
+    padim: Padim, path: Path, result: dict, scores: list[float]
+) -> None:
+    padim.thresholds = Thresholds(
+        image=result["threshold"],
+        pixel=result["pixel_threshold"],
+        score_min=float(min(scores)),
+        score_max=float(max(scores)),
+    )
+    save_model(padim, path)
+    print(f"thresholds saved in {path}", file=sys.stderr)
+
+
+COMMANDS = {"fit": run_fit, "predict": run_predict, "evaluate": run_evaluate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        torch.set_grad_enabled(False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.formatwarning = _one_line_warning
+            return COMMANDS[args.command](args)
+    except UsageError as error:
+        message = str(error)
+    except (ModelFileError, WeightsUnavailableError, FileNotFoundError) as error:
+        message = str(error)
+    except ValueError as error:
+        message = str(error)
+    except KeyboardInterrupt:
+        message = "interrupted"
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
