@@ -156,7 +156,7 @@ def _load_torchvision_weights(
         raise WeightsUnavailableError(hint)
     try:
         state = weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as error:  # noqa: BLE001 - any network failure means the same
+    except Exception as error:
         raise WeightsUnavailableError(f"{hint}; download failed: {error}") from error
     logger.info("downloaded %s weights to %s", backbone, cached)
     return state
@@ -219,10 +219,10 @@ def _load_local_weights(network: nn.Module, weights: Path) -> None:
         raise FileNotFoundError(f"weights file not found: {weights}")
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - report any unreadable file alike
+    except Exception as error:
         raise ValueError(f"cannot read weights file {weights}: {error}") from error
     if not isinstance(state, dict):
-        raise ValueError(f"weights file {weights} does not hold a state dict")
+        raise TypeError(f"weights file {weights} does not hold a state dict")
     missing, unexpected = network.load_state_dict(state, strict=False)
     if missing:
         raise ValueError(

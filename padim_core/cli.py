@@ -11,6 +11,7 @@ arguments or unusable input. Progress goes to stderr, results to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -51,12 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the three commands."""
     parser = _Parser(prog="python -m padim_core", description=__doc__.split("\n")[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser
+    )
 
     fit = commands.add_parser("fit", help="fit a model on images of good parts")
     fit.add_argument("--train", required=True, type=Path, help="folder of good images")
     fit.add_argument("--out", required=True, type=Path, help="model file to write")
-    fit.add_argument("--backbone", default=DEFAULT_CLI_BACKBONE, choices=sorted(BACKBONES))
+    fit.add_argument(
+        "--backbone", default=DEFAULT_CLI_BACKBONE, choices=sorted(BACKBONES)
+    )
     fit.add_argument("--layers", nargs="+", help="backbone layers (default: table's)")
     fit.add_argument("--n-features", type=int, help="random channels kept")
     fit.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
@@ -162,7 +167,9 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UsageError("no image files among the paths given")
     rows, grids = [], []
     progress = _progress(args.quiet, "predict")
-    for prediction, batch_skipped, batch in padim.predict_batches(paths, args.batch_size):
+    for prediction, batch_skipped, batch in padim.predict_batches(
+        paths, args.batch_size
+    ):
         skipped.extend(batch_skipped)
         progress(batch.done, batch.total)
         if prediction is None:
@@ -189,15 +196,14 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _write_rows(rows: list[tuple[str, float, str]], path: Path | None) -> None:
-    handle = sys.stdout if path is None else open(path, "w", newline="")
-    try:
+    with contextlib.ExitStack() as stack:
+        handle = sys.stdout
+        if path is not None:
+            handle = stack.enter_context(open(path, "w", newline=""))
         writer = csv.writer(handle)
         writer.writerow(["path", "score", "verdict"])
         for name, score, verdict in rows:
             writer.writerow([name, f"{score:.4f}", verdict])
-    finally:
-        if path is not None:
-            handle.close()
 
 
 def display_scale(thresholds: Thresholds, scores: Sequence[float]) -> Thresholds:
@@ -210,7 +216,9 @@ def display_scale(thresholds: Thresholds, scores: Sequence[float]) -> Thresholds
     high = thresholds.score_max if thresholds.score_max is not None else max(scores)
     middle = thresholds.image if thresholds.image is not None else (low + high) / 2
     low, high = min(low, middle), max(high, middle)
-    return Thresholds(image=middle, pixel=thresholds.pixel, score_min=low, score_max=high)
+    return Thresholds(
+        image=middle, pixel=thresholds.pixel, score_min=low, score_max=high
+    )
 
 
 def _write_overlays(
@@ -222,8 +230,12 @@ def _write_overlays(
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     scale = display_scale(
-        Thresholds(threshold, padim.thresholds.pixel, padim.thresholds.score_min,
-                   padim.thresholds.score_max),
+        Thresholds(
+            threshold,
+            padim.thresholds.pixel,
+            padim.thresholds.score_min,
+            padim.thresholds.score_max,
+        ),
         [score for _, score, _ in rows],
     )
     size = (padim.config.image_size, padim.config.image_size)
@@ -261,7 +273,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     labels, scores, maps, masks = [], [], [], []
     progress = _progress(args.quiet, "evaluate")
     sources = [sample.path for sample in samples]
-    for prediction, batch_skipped, batch in padim.predict_batches(sources, args.batch_size):
+    for prediction, batch_skipped, batch in padim.predict_batches(
+        sources, args.batch_size
+    ):
         skipped.extend(batch_skipped)
         progress(batch.done, batch.total)
         if prediction is None:
@@ -275,7 +289,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     _report_skipped(skipped)
     if not labels:
         raise UsageError("none of the test images could be used")
-    result = _evaluation(np.array(labels), np.array(scores), np.stack(maps), np.stack(masks))
+    result = _evaluation(
+        np.array(labels), np.array(scores), np.stack(maps), np.stack(masks)
+    )
     result["seconds"] = round(time.perf_counter() - start, 3)
     result["skipped"] = [{"path": s.name, "reason": s.reason} for s in skipped]
     if args.save_thresholds:
@@ -310,7 +326,10 @@ def _evaluation(
             "threshold": threshold,
             "pixel_threshold": pixel_threshold,
         }
-    result = {key: (None if math.isnan(v) else round(float(v), 4)) for key, v in values.items()}
+    result = {
+        key: (None if math.isnan(v) else round(float(v), 4))
+        for key, v in values.items()
+    }
     result["n_good"] = int((labels == 0).sum())
     result["n_defect"] = int((labels == 1).sum())
     return result
@@ -340,10 +359,10 @@ COMMANDS = {"fit": run_fit, "predict": run_predict, "evaluate": run_evaluate}
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    original_format = warnings.formatwarning
     try:
         args = build_parser().parse_args(argv)
-        torch.set_grad_enabled(False)
-        with warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.formatwarning = _one_line_warning
             return COMMANDS[args.command](args)
@@ -351,10 +370,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(error)
     except (ModelFileError, WeightsUnavailableError, FileNotFoundError) as error:
         message = str(error)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         message = str(error)
     except KeyboardInterrupt:
         message = "interrupted"
+    finally:
+        warnings.formatwarning = original_format
     print(f"error: {message}", file=sys.stderr)
     return 2
 

@@ -1,8 +1,8 @@
 """Labelled test sets in the MVTec AD folder layout.
 
-    <root>/test/good/*                      normal images
-    <root>/test/<defect>/*                  defective images
-    <root>/ground_truth/<defect>/<stem>_mask.png   optional pixel masks
+<root>/test/good/*                      normal images
+<root>/test/<defect>/*                  defective images
+<root>/ground_truth/<defect>/<stem>_mask.png   optional pixel masks
 """
 
 from __future__ import annotations

@@ -1,0 +1,163 @@
+"""The command line on a small subset of ../shared/datasets/bsdata."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from padim_core.cli import main
+from padim_core.model_file import load_model
+
+BSDATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "bsdata"
+
+pytestmark = pytest.mark.skipif(not BSDATA.is_dir(), reason=f"{BSDATA} not found")
+
+
+def _link(files, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        (folder / file.name).symlink_to(file)
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory) -> Path:
+    """A small MVTec-layout copy (symlinks) of bsdata."""
+    root = tmp_path_factory.mktemp("bsdata")
+    _link(sorted((BSDATA / "train" / "good").iterdir())[:24], root / "train" / "good")
+    _link(sorted((BSDATA / "test" / "good").iterdir())[:6], root / "test" / "good")
+    pitting = sorted((BSDATA / "test" / "pitting").iterdir())[:6]
+    _link(pitting, root / "test" / "pitting")
+    masks = [
+        BSDATA / "ground_truth" / "pitting" / f"{p.stem}_mask.png" for p in pitting
+    ]
+    _link(masks, root / "ground_truth" / "pitting")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(subset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "bs.safetensors"
+    status = main(
+        [
+            "-q",
+            "fit",
+            "--train",
+            str(subset / "train"),
+            "--out",
+            str(out),
+            "--image-size",
+            "128",
+            "--n-features",
+            "40",
+            "--batch-size",
+            "8",
+        ]
+    )
+    assert status == 0
+    return out
+
+
+def test_fit_writes_a_loadable_model(model):
+    padim = load_model(model)
+    assert padim.config.backbone == "efficientnet_lite0"
+    assert padim.config.image_size == 128
+    assert padim.n_images == 24
+
+
+def test_predict_writes_csv_and_overlays(model, subset, tmp_path, capsys):
+    out, table = tmp_path / "heat", tmp_path / "scores.csv"
+    status = main(
+        [
+            "-q",
+            "predict",
+            "--model",
+            str(model),
+            "--csv",
+            str(table),
+            "--out",
+            str(out),
+            "--threshold",
+            "10",
+            str(subset / "test"),
+        ]
+    )
+    assert status == 0
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) == 12
+    assert {row["verdict"] for row in rows} <= {"pass", "fail"}
+    for row in rows:
+        assert (row["verdict"] == "fail") == (float(row["score"]) >= 10)
+    assert len(list(out.glob("*_heatmap.png"))) == 12
+
+
+def test_predict_without_threshold_says_so(model, subset, capsys):
+    image = next((subset / "test" / "good").iterdir())
+    assert main(["-q", "predict", "--model", str(model), str(image)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == "path,score,verdict"
+    assert captured.out.splitlines()[1].endswith(",unset")
+    assert "no image threshold" in captured.err
+
+
+def test_evaluate_prints_metrics_and_saves_thresholds(model, subset, tmp_path, capsys):
+    report = tmp_path / "metrics.json"
+    status = main(
+        [
+            "-q",
+            "evaluate",
+            "--model",
+            str(model),
+            "--data",
+            str(subset),
+            "--json",
+            str(report),
+            "--save-thresholds",
+        ]
+    )
+    assert status == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == json.loads(report.read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1", "threshold"):
+        assert 0 <= result[key] <= 1 or key == "threshold", key
+    assert (result["n_good"], result["n_defect"]) == (6, 6)
+    # 24 training images at 128 px: well above chance, far from the full fit.
+    assert result["pixel_auroc"] > 0.6
+    assert load_model(model).thresholds.image == pytest.approx(result["threshold"])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["fit", "--out", "m.safetensors"], "--train"),
+        (["fit", "--train", "nowhere", "--out", "m"], "not a folder"),
+        (["predict", "--model", "missing.safetensors", "x.png"], "missing.safetensors"),
+        (["evaluate", "--model", "m", "--data", "."], "no test/ folder"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(
+    arguments, message, capsys, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    assert main(arguments) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ")
+    assert message in error
+    assert len(error.splitlines()) == 1
+
+
+def test_bad_n_features_lists_what_is_allowed(subset, tmp_path, capsys):
+    status = main(
+        [
+            "fit",
+            "--train",
+            str(subset / "train"),
+            "--out",
+            str(tmp_path / "m"),
+            "--n-features",
+            "5000",
+        ]
+    )
+    assert status == 2
+    assert "choose 1 to 176" in capsys.readouterr().err
