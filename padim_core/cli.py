@@ -368,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return COMMANDS[args.command](args)
     except UsageError as error:
         message = str(error)
-    except (ModelFileError, WeightsUnavailableError, FileNotFoundError) as error:
+    except (ModelFileError, WeightsUnavailableError, OSError) as error:
         message = str(error)
     except (ValueError, TypeError) as error:
         message = str(error)
@@ -376,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = "interrupted"
     finally:
         warnings.formatwarning = original_format
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
     return 2
 
 

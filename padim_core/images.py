@@ -3,10 +3,15 @@
 Any size and mode Pillow reads becomes an RGB image; a file that cannot be
 used raises :class:`ImageError` naming the file and the reason, so callers can
 skip it and go on with the rest.
+
+Only the formats of :data:`IMAGE_EXTENSIONS` are decoded, whatever a file's
+name says: Pillow can open many rarer formats, some through outside programs
+(EPS runs Ghostscript), and none of them is needed for inspection images.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import warnings
@@ -26,6 +31,10 @@ IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
 )
 
+# Pillow formats decoded, matching the extensions above (JPEG includes the
+# multi-picture variant some cameras write; PPM also reads PGM, PBM and PFM).
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "TIFF", "WEBP", "GIF", "PPM")
+
 # ImageNet statistics that every backbone here was trained with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,6 +50,9 @@ MIN_SIDE = 8
 
 # Files larger than this are refused before reading.
 MAX_FILE_BYTES = 200 * 1024 * 1024
+
+_INTEGER_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 class ImageError(ValueError):
@@ -58,7 +70,11 @@ class ImageError(ValueError):
 
 
 class ImageWarning(UserWarning):
-    """An image was used, but not all of it (e.g. first frame of many)."""
+    """An image was used, but something about it deserves a look.
+
+    For example only the first of several frames was used, or the image is
+    one flat colour.
+    """
 
 
 @dataclass(frozen=True)
@@ -71,19 +87,19 @@ class Skipped:
 
 def _to_8bit_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to RGB with a fixed, per-mode rule."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if image.mode in _INTEGER_GREY_MODES:
         # Integer greyscale: 16-bit range to 8 bits, the same for every image.
-        array = np.asarray(image, dtype=np.float64)
+        array = np.asarray(image, dtype=np.float32)
         array = np.clip(array / 257.0, 0, 255).astype(np.uint8)
         return Image.fromarray(array, mode="L").convert("RGB")
     if image.mode == "F":
-        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        array = np.nan_to_num(np.asarray(image, dtype=np.float32), posinf=0, neginf=0)
         scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
         array = np.clip(array * scale, 0, 255).astype(np.uint8)
         return Image.fromarray(array, mode="L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if image.mode in _ALPHA_MODES:
         # Transparent pixels become black, the same for every image.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
@@ -91,7 +107,9 @@ def _to_8bit_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -> Image.Image:
+def read_image(
+    source: str | Path | bytes | BinaryIO, name: str | None = None
+) -> Image.Image:
     """Decode one image file into an RGB Pillow image.
 
     Args:
@@ -102,8 +120,11 @@ def read_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -
         The image in RGB, upright (EXIF orientation applied), first frame only.
 
     Raises:
-        ImageError: If the file is empty, too large, not an image, truncated,
-            or too small to inspect.
+        ImageError: If the file is empty, too large, not an image, of a format
+            not accepted, truncated, or too small to inspect.
+
+    Warns:
+        ImageWarning: If the file has several frames, or is one flat colour.
     """
     if name is None:
         name = str(source) if isinstance(source, (str, Path)) else "<upload>"
@@ -113,27 +134,59 @@ def read_image(source: str | Path | bytes | BinaryIO, name: str | None = None) -
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as opened:
-                width, height = opened.size
-                _check_size(name, width, height)
-                frames = getattr(opened, "n_frames", 1)
-                opened.load()
-                image = ImageOps.exif_transpose(opened) or opened
-                rgb = _to_8bit_rgb(image)
+            rgb, frames = _decode(name, data)
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as error:
-        raise ImageError(name, _describe(error)) from error
+    except UnidentifiedImageError as error:
+        raise ImageError(name, _unidentified(data)) from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(
+            name, f"too many pixels, refused as a possible decompression bomb ({error})"
+        ) from error
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as error:
         raise ImageError(name, f"the image cannot be decoded ({error})") from error
     if frames > 1:
-        warnings.warn(
-            f"{name}: has {frames} frames; only the first is used",
-            ImageWarning,
-            stacklevel=2,
-        )
+        _warn(f"{name}: has {frames} frames; only the first is used")
+    if _is_flat(rgb):
+        _warn(f"{name}: the image is one flat colour")
     return rgb
+
+
+def _decode(name: str, data: bytes) -> tuple[Image.Image, int]:
+    """Open, check and decode ``data``; return the RGB image and its frames."""
+    with Image.open(io.BytesIO(data), formats=_pillow_formats()) as opened:
+        width, height = opened.size
+        _check_size(name, width, height)
+        frames = getattr(opened, "n_frames", 1)
+        opened.load()
+        image = ImageOps.exif_transpose(opened) or opened
+        return _to_8bit_rgb(image), frames
+
+
+@functools.cache
+def _pillow_formats() -> tuple[str, ...]:
+    """The accepted formats this Pillow build can open (WebP may be missing)."""
+    Image.init()
+    return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)
+
+
+def _is_flat(image: Image.Image) -> bool:
+    return all(low == high for low, high in image.getextrema())
+
+
+def _warn(message: str) -> None:
+    logger.info(message)
+    warnings.warn(message, ImageWarning, stacklevel=3)
+
+
+def _unidentified(data: bytes) -> str:
+    """Why Pillow could not open ``data``: a refused format, or no image."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            found = image.format
+    except Exception:  # noqa: BLE001 - any failure means "not an image"
+        return "not an image file Pillow can read"
+    return f"{found} images are not accepted; use one of {', '.join(IMAGE_FORMATS)}"
 
 
 def _read_bytes(source: str | Path | bytes | BinaryIO, name: str) -> bytes:
@@ -144,15 +197,20 @@ def _read_bytes(source: str | Path | bytes | BinaryIO, name: str) -> bytes:
         if not path.is_file():
             raise ImageError(name, "no such file")
         if path.stat().st_size > MAX_FILE_BYTES:
-            raise ImageError(
-                name, f"the file is larger than {MAX_FILE_BYTES // 2**20} MiB"
-            )
-        data = path.read_bytes()
+            raise ImageError(name, _too_large())
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise ImageError(name, f"cannot be read ({error.strerror})") from error
     else:
         data = source.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
-        raise ImageError(name, f"the file is larger than {MAX_FILE_BYTES // 2**20} MiB")
+        raise ImageError(name, _too_large())
     return data
+
+
+def _too_large() -> str:
+    return f"the file is larger than {MAX_FILE_BYTES // 2**20} MiB"
 
 
 def _check_size(name: str, width: int, height: int) -> None:
@@ -169,13 +227,9 @@ def _check_size(name: str, width: int, height: int) -> None:
         )
 
 
-def _describe(error: Exception) -> str:
-    if isinstance(error, UnidentifiedImageError):
-        return "not an image file Pillow can read"
-    return f"too many pixels, refused as a possible decompression bomb ({error})"
-
-
-def to_tensor(images: Sequence[Image.Image], image_size: int = DEFAULT_IMAGE_SIZE) -> Tensor:
+def to_tensor(
+    images: Sequence[Image.Image], image_size: int = DEFAULT_IMAGE_SIZE
+) -> Tensor:
     """Resize RGB images to a square side and normalise them.
 
     Args:
@@ -203,7 +257,8 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[Skipped]]
 
     Files named directly are kept whatever their extension (decoding checks
     them); inside folders only image extensions count, other files are
-    reported as skipped, hidden files are ignored.
+    reported as skipped, hidden files are ignored. Links to folders are not
+    followed, so a link loop cannot make the walk endless.
 
     Returns:
         The image paths, and the files skipped with their reasons.
@@ -212,21 +267,35 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[Skipped]]
     skipped: list[Skipped] = []
     for path in map(Path, paths):
         if path.is_dir():
-            for child in sorted(path.rglob("*")):
-                relative = child.relative_to(path)
-                if any(part.startswith(".") for part in relative.parts):
-                    continue
-                if not child.is_file():
-                    continue
-                if child.suffix.lower() in IMAGE_EXTENSIONS:
-                    found.append(child)
-                else:
-                    skipped.append(Skipped(str(child), "not an image file extension"))
+            _walk(path, found, skipped)
         elif path.is_file():
             found.append(path)
         else:
-            skipped.append(Skipped(str(path), "no such file or folder"))
+            skipped.append(Skipped(str(path), _not_a_file(path)))
     return found, skipped
+
+
+def _walk(folder: Path, found: list[Path], skipped: list[Skipped]) -> None:
+    for child in sorted(folder.rglob("*")):
+        relative = child.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if child.is_dir():
+            continue
+        if not child.is_file():
+            skipped.append(Skipped(str(child), _not_a_file(child)))
+        elif child.suffix.lower() in IMAGE_EXTENSIONS:
+            found.append(child)
+        else:
+            skipped.append(Skipped(str(child), "not an image file extension"))
+
+
+def _not_a_file(path: Path) -> str:
+    if path.is_symlink():
+        return "a link to nothing"
+    if path.exists():
+        return "not a regular file or folder"
+    return "no such file or folder"
 
 
 def iter_decoded(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,13 +19,17 @@ from torch import Tensor, nn
 
 from padim_core import anomaly_map
 from padim_core.backbones import build_feature_extractor, check_layers, get_spec
-from padim_core.gaussian import Gaussian, RunningGaussian
+from padim_core.gaussian import FewImagesWarning, Gaussian, RunningGaussian
 from padim_core.images import DEFAULT_IMAGE_SIZE, Skipped, to_tensor
 from padim_core.loader import Batch, iter_batches
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
+
+# Relative spread below which training features count as identical: the
+# rounding of one forward pass, far below any real variation between images.
+IDENTICAL_TOLERANCE = 1e-9
 
 
 def select_channels(total: int, n_features: int, seed: int) -> Tensor:
@@ -269,7 +274,12 @@ class Padim:
     def embed(self, images: Tensor) -> Tensor:
         """Embeddings (N, C, h, w) of normalised images (N, 3, H, W)."""
         features = self.model.feature_extractor(images.to(self.device))
-        return self.model.generate_embedding(features)
+        embedding = self.model.generate_embedding(features)
+        if not torch.isfinite(embedding).all():
+            raise ValueError(
+                "the backbone gave NaN or infinite features; its weights are damaged"
+            )
+        return embedding
 
     def partial_fit(self, images: Tensor) -> None:
         """Add a batch of normalised good images (N, 3, H, W) to the statistics."""
@@ -289,6 +299,13 @@ class Padim:
         if self.stats is None or self.stats.count == 0:
             raise ValueError("no training images were usable; nothing to fit")
         self.model.gaussian = self.stats.to_gaussian()
+        if self.stats.count > 1 and not _features_vary(self.stats):
+            warnings.warn(
+                f"the {self.stats.count} training images gave identical features "
+                "(constant or duplicate images?); every difference will score high",
+                FewImagesWarning,
+                stacklevel=2,
+            )
         logger.info("fitted PaDiM on %d images", self.stats.count)
         return self
 
@@ -321,8 +338,10 @@ class Padim:
             if progress is not None:
                 progress(batch.done, batch.total)
         if report.images == 0 and self.n_images == 0:
+            first = report.skipped[0] if report.skipped else Skipped("", "no files")
             raise ValueError(
-                f"none of the {len(report.skipped)} files could be used as an image"
+                f"none of the {len(report.skipped)} files could be used as an image "
+                f"(first: {first.name}: {first.reason})"
             )
         self.finalize()
         report.seconds = time.perf_counter() - start
@@ -384,6 +403,13 @@ class Padim:
         """Set thresholds (see :class:`Thresholds`) and return self."""
         self.thresholds = replace(self.thresholds, **values)
         return self
+
+
+def _features_vary(stats: RunningGaussian) -> bool:
+    """Whether any feature varies across the training images, beyond rounding."""
+    spread = stats.scatter.diagonal(dim1=1, dim2=2) - stats.sum**2 / stats.count
+    scale = 1.0 + float(stats.shift.abs().max()) ** 2
+    return bool(spread.max() > IDENTICAL_TOLERANCE * stats.count * scale)
 
 
 def concat_predictions(parts: Sequence[Prediction]) -> Prediction:
