@@ -12,6 +12,7 @@ rest is unpacked.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
@@ -52,6 +53,19 @@ class ArchiveError(ValueError):
     """A zip archive refused as a whole, with the reason."""
 
 
+@dataclass(frozen=True)
+class Unpacked:
+    """One image member written to disk.
+
+    Attributes:
+        member: The member's name inside the archive, as the user knows it.
+        path: The file it was written to.
+    """
+
+    member: str
+    path: Path
+
+
 def extract_zip(
     source: str | Path | bytes | BinaryIO,
     dest_dir: str | Path,
@@ -61,6 +75,31 @@ def extract_zip(
     max_member_bytes: int = MAX_FILE_BYTES,
     name: str | None = None,
 ) -> tuple[list[Path], list[Skipped]]:
+    """Unpack the image members of a zip archive; return the files written.
+
+    The same as :func:`unpack_zip`, which see, but returns only the paths.
+    """
+    unpacked, skipped = unpack_zip(
+        source,
+        dest_dir,
+        max_members,
+        max_total_bytes,
+        max_ratio,
+        max_member_bytes,
+        name,
+    )
+    return [item.path for item in unpacked], skipped
+
+
+def unpack_zip(
+    source: str | Path | bytes | BinaryIO,
+    dest_dir: str | Path,
+    max_members: int = MAX_MEMBERS,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+    max_ratio: float = MAX_RATIO,
+    max_member_bytes: int = MAX_FILE_BYTES,
+    name: str | None = None,
+) -> tuple[list[Unpacked], list[Skipped]]:
     """Unpack the image members of a zip archive into ``dest_dir``.
 
     Members are written flat, directly in ``dest_dir``: ``a/b/c.png`` becomes
@@ -81,19 +120,47 @@ def extract_zip(
         name: How to name the archive in messages; defaults to the path.
 
     Returns:
-        The files written, in archive order, and the members skipped with the
-        reason (named as in the archive).
+        The members written with their files, in archive order, and the
+        members skipped with the reason (named as in the archive).
 
     Raises:
         ArchiveError: If the source is not a readable zip archive, lists more
             than ``max_members`` members, or would unpack to more than
-            ``max_total_bytes``. Nothing is left in ``dest_dir`` from it.
+            ``max_total_bytes``. Nothing is left in ``dest_dir`` from it, and
+            ``dest_dir`` itself is removed if this call created it.
     """
     if name is None:
         name = str(source) if isinstance(source, (str, Path)) else "<upload>"
     dest = Path(dest_dir)
+    created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     dest = dest.resolve(strict=True)
+    try:
+        return _unpack(
+            source,
+            dest,
+            max_members,
+            max_total_bytes,
+            max_ratio,
+            max_member_bytes,
+            name,
+        )
+    except ArchiveError:
+        if created:
+            with contextlib.suppress(OSError):
+                dest.rmdir()
+        raise
+
+
+def _unpack(
+    source: str | Path | bytes | BinaryIO,
+    dest: Path,
+    max_members: int,
+    max_total_bytes: int,
+    max_ratio: float,
+    max_member_bytes: int,
+    name: str,
+) -> tuple[list[Unpacked], list[Skipped]]:
     with _open_zip(source, name) as archive:
         members = archive.infolist()
         if len(members) > max_members:
@@ -138,8 +205,8 @@ def _extract_members(
     dest: Path,
     limits: _Limits,
     name: str,
-) -> tuple[list[Path], list[Skipped]]:
-    written: list[Path] = []
+) -> tuple[list[Unpacked], list[Skipped]]:
+    written: list[Unpacked] = []
     skipped: list[Skipped] = []
     try:
         for member in members:
@@ -148,17 +215,17 @@ def _extract_members(
             reason = _refusal(member, limits)
             if reason is None:
                 target, out = _create_unique(dest, member.filename)
-                written.append(target)
+                written.append(Unpacked(member.filename, target))
                 with out:
                     reason = _copy_member(archive, member, out, limits, name)
                 if reason is not None:
-                    written.pop().unlink()
+                    written.pop().path.unlink()
             if reason is not None:
                 logger.info("skipped %s in %s: %s", member.filename, name, reason)
                 skipped.append(Skipped(member.filename, reason))
     except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
+        for item in written:
+            item.path.unlink(missing_ok=True)
         raise
     logger.info("unpacked %d images from %s into %s", len(written), name, dest)
     return written, skipped

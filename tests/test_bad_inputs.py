@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from padim_core import images
-from padim_core.archives import ArchiveError, extract_zip
+from padim_core.archives import ArchiveError, Unpacked, extract_zip, unpack_zip
 from padim_core.cli import main
 from padim_core.gaussian import FewImagesWarning
 from padim_core.images import ImageError, ImageWarning, find_images, read_image
@@ -618,6 +618,25 @@ def test_zip_never_overwrites_nor_follows_links_in_the_folder(tmp_path: Path) ->
     assert [path.name for path in written] == ["a-1.png", "b-1.png"]
     assert (dest / "a.png").read_bytes() == b"earlier upload"
     assert secret.read_bytes() == b"secret"
+
+
+def test_unpack_zip_pairs_each_member_with_its_file(tmp_path: Path) -> None:
+    archive = _zip(
+        {"x/a.png": PNG, "../bad.png": PNG, "y/a.png": PNG, "x/a.png.txt": b""}
+    )
+    unpacked, skipped = unpack_zip(archive, tmp_path)
+
+    assert unpacked == [
+        Unpacked("x/a.png", tmp_path.resolve() / "x_a.png"),
+        Unpacked("y/a.png", tmp_path.resolve() / "y_a.png"),
+    ]
+    assert [item.name for item in skipped] == ["../bad.png", "x/a.png.txt"]
+
+
+def test_refused_zip_removes_the_folder_it_created(tmp_path: Path) -> None:
+    with pytest.raises(ArchiveError):
+        extract_zip(b"not a zip", tmp_path / "new" / "folder")
+    assert not (tmp_path / "new" / "folder").exists()
 
 
 def test_unpacked_zip_images_decode(tmp_path: Path) -> None:
