@@ -38,6 +38,8 @@ _DTYPES = {"channel_index": "I64", "count": "I64", "mean": "F32", "scatter": "F3
 # How pickles and torch.save archives begin, to say so when refusing one.
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
 
+_KIND_NAMES = {str: "text", int: "a whole number"}
+
 # A real header is a few kilobytes; a larger claimed length is not a model.
 MAX_HEADER_BYTES = 16 * 2**20
 
@@ -77,6 +79,22 @@ def save_model(padim: Padim, path: str | Path) -> Path:
         "thresholds": json.dumps(vars(padim.thresholds)),
         "info": json.dumps(info, default=str),
     }
+    write_safetensors(tensors, metadata, path)
+    logger.info("saved model to %s", path)
+    return path
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | Path
+) -> None:
+    """Write a safetensors file atomically: a temporary file, then a rename.
+
+    Each call writes its own temporary file beside ``path``, so concurrent
+    writers never mix: readers see one complete version, the last renamed.
+    The file is flushed to disk, folder included, and gets the permissions
+    the umask gives new files (not the 0o600 of a private temporary file).
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _create_temporary(path)
     try:
@@ -90,8 +108,6 @@ def save_model(padim: Padim, path: str | Path) -> Path:
         if os.path.exists(temporary):
             os.unlink(temporary)
     _sync_folder(path.parent)
-    logger.info("saved model to %s", path)
-    return path
 
 
 def _statistics_tensors(padim: Padim) -> dict[str, torch.Tensor]:
@@ -221,7 +237,7 @@ def _check_config(values: object) -> PadimConfig:
     for key, kind in types.items():
         value = getattr(config, key)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise TypeError(f"{key}={value!r} is not a {kind.__name__}")
+            raise TypeError(f"{key}={value!r} is not {_KIND_NAMES[kind]}")
     if not isinstance(config.pre_trained, bool):
         raise TypeError(f"pre_trained={config.pre_trained!r} is not true or false")
     if not all(isinstance(layer, str) for layer in config.layers):
