@@ -28,7 +28,13 @@ import torch
 from padim_core import metrics
 from padim_core.anomaly_map import anomaly_maps
 from padim_core.backbones import BACKBONES, WeightsUnavailableError
-from padim_core.images import DEFAULT_IMAGE_SIZE, Skipped, find_images, read_image
+from padim_core.images import (
+    DEFAULT_IMAGE_SIZE,
+    ImageError,
+    Skipped,
+    find_images,
+    read_image,
+)
 from padim_core.model import DEFAULT_BATCH_SIZE, Padim, Thresholds
 from padim_core.model_file import ModelFileError, load_model, save_model
 from padim_core.mvtec import read_mask, read_test_set
@@ -282,10 +288,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
             continue
         for i, name in enumerate(prediction.names):
             sample = by_name[name]
+            try:
+                masks.append(read_mask(sample, size))
+            except ImageError as error:
+                skipped.append(Skipped(name, f"its mask {error}"))
+                continue
             labels.append(sample.label)
             scores.append(float(prediction.scores[i]))
             maps.append(prediction.maps[i].numpy())
-            masks.append(read_mask(sample, size))
     _report_skipped(skipped)
     if not labels:
         raise UsageError("none of the test images could be used")

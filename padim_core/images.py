@@ -114,13 +114,18 @@ def _to_8bit_rgb(image: Image.Image) -> Image.Image:
 
 
 def read_image(
-    source: str | Path | bytes | BinaryIO, name: str | None = None
+    source: str | Path | bytes | BinaryIO,
+    name: str | None = None,
+    *,
+    warn_flat: bool = True,
 ) -> Image.Image:
     """Decode one image file into an RGB Pillow image.
 
     Args:
         source: A path, the file's bytes, or a binary file object.
         name: How to name the file in messages; defaults to the path.
+        warn_flat: Warn when the image is one flat colour (False for masks,
+            where that is normal).
 
     Returns:
         The image in RGB, upright (EXIF orientation applied), first frame only.
@@ -130,7 +135,8 @@ def read_image(
             not accepted, truncated, or too small to inspect.
 
     Warns:
-        ImageWarning: If the file has several frames, or is one flat colour.
+        ImageWarning: If the file has several frames, or is one flat colour
+            (unless ``warn_flat`` is False).
     """
     if name is None:
         name = str(source) if isinstance(source, (str, Path)) else "<upload>"
@@ -147,13 +153,15 @@ def read_image(
         raise ImageError(name, _NOT_ACCEPTED) from error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageError(
-            name, f"too many pixels, refused as a possible decompression bomb ({error})"
+            name,
+            f"more than {Image.MAX_IMAGE_PIXELS:,} pixels; refused as a possible "
+            "decompression bomb",
         ) from error
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as error:
         raise ImageError(name, f"the image cannot be decoded ({error})") from error
     if frames > 1:
         _warn(f"{name}: has {frames} frames; only the first is used")
-    if _is_flat(rgb):
+    if warn_flat and _is_flat(rgb):
         _warn(f"{name}: the image is one flat colour")
     return rgb
 

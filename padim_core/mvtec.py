@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from padim_core.images import IMAGE_EXTENSIONS, Skipped
+from padim_core.images import IMAGE_EXTENSIONS, Skipped, read_image
 
 NORMAL_CLASS = "good"
 
@@ -62,10 +62,14 @@ def read_test_set(root: str | Path) -> tuple[list[Sample], list[Skipped]]:
 def read_mask(sample: Sample, size: int) -> np.ndarray:
     """The sample's mask at ``size`` x ``size`` as bool; all False if none.
 
-    Nearest-neighbour resizing keeps the mask binary.
+    Nearest-neighbour resizing keeps the mask binary. The mask file is read
+    with the same checks as any image.
+
+    Raises:
+        ImageError: If the mask file cannot be used as an image.
     """
     if sample.mask_path is None:
         return np.zeros((size, size), dtype=bool)
-    with Image.open(sample.mask_path) as mask:
-        resized = mask.convert("L").resize((size, size), Image.Resampling.NEAREST)
-        return np.asarray(resized) >= 128
+    mask = read_image(sample.mask_path, warn_flat=False).convert("L")
+    resized = mask.resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(resized) >= 128

@@ -1084,6 +1084,31 @@ def test_cli_predict_failures_are_one_line(
     assert match in _only_one_error_line(capsys.readouterr().err)
 
 
+def test_cli_evaluate_skips_samples_whose_mask_is_bad(
+    model_path: Path, tmp_path: Path, capsys
+) -> None:
+    for folder in ("test/good", "test/crack", "ground_truth/crack"):
+        (tmp_path / folder).mkdir(parents=True)
+    for i in range(3):
+        _noise(48, 48, i).save(tmp_path / "test" / "good" / f"{i}.png")
+        _noise(48, 48, 10 + i).save(tmp_path / "test" / "crack" / f"{i}.png")
+    masks = tmp_path / "ground_truth" / "crack"
+    Image.new("L", (48, 48), 255).save(masks / "0_mask.png")
+    (masks / "1_mask.png").write_text("not a mask")
+    (masks / "2_mask.png").write_bytes(_png_header_only(20_000, 20_000))
+    status = main(
+        ["-q", "evaluate", "--model", str(model_path), "--data", str(tmp_path)]
+    )
+
+    result = json.loads(capsys.readouterr().out)
+    assert status == 0
+    assert (result["n_good"], result["n_defect"]) == (3, 1)
+    reasons = {Path(item["path"]).name: item["reason"] for item in result["skipped"]}
+    assert set(reasons) == {"1.png", "2.png"}
+    assert reasons["1.png"].startswith(f"its mask {masks / '1_mask.png'}: not an image")
+    assert "decompression bomb" in reasons["2.png"]
+
+
 def test_cli_bad_model_file_exits_2_without_traceback(
     model_path: Path, tmp_path: Path
 ) -> None:

@@ -125,6 +125,12 @@ def test_flat_image_warns_but_is_used() -> None:
     assert image.size == (9, 9)
 
 
+def test_flat_warning_can_be_turned_off_for_masks() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_image(_png(Image.new("L", (9, 9), 255)), "mask.png", warn_flat=False)
+
+
 def test_varied_image_does_not_warn() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
