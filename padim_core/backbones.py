@@ -138,6 +138,27 @@ def _torch_hub_checkpoint(weights: torchvision.models.WeightsEnum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
+def cached_weights_path(backbone: str) -> Path | None:
+    """Where ``pre_trained=True`` looks for the ImageNet weights of ``backbone``.
+
+    Lets a caller check for the file before anything tries to download it.
+
+    Returns:
+        The torch hub cache file, or None when the weights ship with a package.
+
+    Raises:
+        ValueError: If the backbone is not in the table.
+    """
+    get_spec(backbone)
+    if backbone == "resnet18":
+        return _torch_hub_checkpoint(torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+    if backbone == "wide_resnet50_2":
+        return _torch_hub_checkpoint(
+            torchvision.models.Wide_ResNet50_2_Weights.IMAGENET1K_V1
+        )
+    return None
+
+
 def _load_torchvision_weights(
     weights: torchvision.models.WeightsEnum, backbone: str, download: bool
 ) -> dict[str, Tensor]:
@@ -239,6 +260,7 @@ def build_feature_extractor(
     pre_trained: bool = True,
     weights: str | Path | None = None,
     download: bool = True,
+    seed: int = 0,
 ) -> nn.Module:
     """Build a frozen feature extractor, in eval mode.
 
@@ -248,6 +270,8 @@ def build_feature_extractor(
         pre_trained: Load ImageNet weights (ignored when ``weights`` is given).
         weights: A local state-dict file for the whole backbone network.
         download: Allow torchvision to download missing ImageNet weights.
+        seed: Seed of the random initialisation, so that a network with
+            random weights is rebuilt identically when a model is loaded.
 
     Returns:
         A module mapping images ``(N, 3, H, W)``, ImageNet-normalised, to
@@ -259,15 +283,18 @@ def build_feature_extractor(
     """
     spec = get_spec(backbone)
     layers = check_layers(spec, layers)
-    if backbone == "efficientnet_lite0":
-        extractor = _build_efficientnet(layers, pre_trained, weights)
-        if weights is not None:
-            _load_local_weights(extractor.network, Path(weights))
-    else:
-        network = _build_resnet(backbone, pre_trained and weights is None, download)
-        if weights is not None:
-            _load_local_weights(network, Path(weights))
-        extractor = ResNetFeatures(network, layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if backbone == "efficientnet_lite0":
+            extractor = _build_efficientnet(layers, pre_trained, weights)
+            if weights is not None:
+                _load_local_weights(extractor.network, Path(weights))
+        else:
+            pre_trained = pre_trained and weights is None
+            network = _build_resnet(backbone, pre_trained, download)
+            if weights is not None:
+                _load_local_weights(network, Path(weights))
+            extractor = ResNetFeatures(network, layers)
     extractor.eval()
     for parameter in extractor.parameters():
         parameter.requires_grad_(False)

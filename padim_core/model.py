@@ -129,7 +129,7 @@ class PadimModel(nn.Module):
             backbone, layers, n_features, image_size, seed, pre_trained
         )
         self.feature_extractor = build_feature_extractor(
-            backbone, self.config.layers, pre_trained, weights
+            backbone, self.config.layers, pre_trained, weights, seed=seed
         )
         total = get_spec(backbone).channels(self.config.layers)
         self.register_buffer(
@@ -286,7 +286,7 @@ class Padim:
         self._check_input(images)
         embedding = self.embed(images)
         if self.stats is None:
-            n, c, h, w = embedding.shape
+            _, c, h, w = embedding.shape
             self.stats = RunningGaussian.empty(h * w, c)
             self.stats.shift = self.stats.shift.to(self.device)
             self.stats.sum = self.stats.sum.to(self.device)
@@ -352,7 +352,8 @@ class Padim:
     def predict_tensor(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Scores (N,), distances (N, h, w) and maps (N, H, W) of a batch."""
         self._check_input(images)
-        if self.model.gaussian is None:
+        gaussian = self.model.gaussian
+        if gaussian is None or not gaussian.usable:
             if self.stats is None:
                 raise RuntimeError("the model is not fitted yet")
             self.finalize()
@@ -407,7 +408,7 @@ class Padim:
 
 def _features_vary(stats: RunningGaussian) -> bool:
     """Whether any feature varies across the training images, beyond rounding."""
-    spread = stats.scatter.diagonal(dim1=1, dim2=2) - stats.sum**2 / stats.count
+    spread = stats.scatter_diagonal() - stats.sum**2 / stats.count
     scale = 1.0 + float(stats.shift.abs().max()) ** 2
     return bool(spread.max() > IDENTICAL_TOLERANCE * stats.count * scale)
 
