@@ -1,6 +1,7 @@
 # make run   - set everything up, then serve the app on http://localhost:8501
 # make test  - set everything up, then run every test
 # make bench - speed and memory benchmark, table in results/benchmark.md
+# make results - fit and evaluate on ../shared/datasets, table in results/datasets.md
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8501
 
-.PHONY: setup run test test-fast bench lint clean
+.PHONY: setup run test test-fast bench results lint clean
 
 setup: $(STAMP)
 
@@ -28,6 +29,9 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/benchmark.py --out results/benchmark.md
+
+results: setup
+	$(PY) bench/evaluate_datasets.py --out results/datasets.md
 
 lint: setup
 	$(VENV)/bin/ruff format --check .
