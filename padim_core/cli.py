@@ -132,6 +132,8 @@ def run_fit(args: argparse.Namespace) -> int:
     _check_batch_size(args.batch_size)
     if not args.train.is_dir():
         raise UsageError(f"--train {args.train}: not a folder")
+    if args.out.is_dir():
+        raise UsageError(f"--out {args.out}: is a folder; give a model file name")
     paths, skipped = find_images([args.train])
     if not paths:
         raise UsageError(f"--train {args.train}: no image files found")
@@ -166,6 +168,8 @@ def run_predict(args: argparse.Namespace) -> int:
     """Score images; print or write ``path,score,verdict``; draw overlays."""
     _check_batch_size(args.batch_size)
     padim = load_model(args.model, weights=args.weights)
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise UsageError(f"--threshold must be a finite number, got {args.threshold}")
     threshold = args.threshold if args.threshold is not None else padim.thresholds.image
     paths, skipped = find_images(args.paths)
     if not paths:

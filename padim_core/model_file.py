@@ -242,8 +242,8 @@ def _check_config(values: object) -> PadimConfig:
         raise TypeError(f"pre_trained={config.pre_trained!r} is not true or false")
     if not all(isinstance(layer, str) for layer in config.layers):
         raise ValueError(f"layers={list(config.layers)!r} are not all names")
-    if not 0 <= config.seed < 2**63:
-        raise ValueError(f"seed={config.seed} is out of range 0 to 2**63 - 1")
+    if not -(2**63) <= config.seed < 2**64:
+        raise ValueError(f"seed={config.seed} is out of the range torch accepts")
     checked = make_config(
         config.backbone,
         config.layers,

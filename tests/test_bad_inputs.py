@@ -1109,6 +1109,38 @@ def test_cli_evaluate_skips_samples_whose_mask_is_bad(
     assert "decompression bomb" in reasons["2.png"]
 
 
+@pytest.mark.parametrize("threshold", ["nan", "inf", "-inf"])
+def test_cli_predict_refuses_a_threshold_that_is_not_finite(
+    threshold: str, model_path: Path, tmp_path: Path, capsys
+) -> None:
+    (tmp_path / "a.png").write_bytes(PNG)
+    arguments = [f"--threshold={threshold}", str(tmp_path / "a.png")]
+    status = main(["-q", "predict", "--model", str(model_path), *arguments])
+
+    assert status == 2
+    assert "finite" in _only_one_error_line(capsys.readouterr().err)
+
+
+def test_cli_fit_refuses_a_folder_as_output_before_fitting(
+    tmp_path: Path, capsys
+) -> None:
+    (tmp_path / "train").mkdir()
+    _noise(48, 48).save(tmp_path / "train" / "a.png")
+    status = main([*FIT, "--train", str(tmp_path / "train"), "--out", str(tmp_path)])
+
+    assert status == 2
+    line = _only_one_error_line(capsys.readouterr().err)
+    assert line == f"error: --out {tmp_path}: is a folder; give a model file name"
+
+
+@pytest.mark.parametrize("seed", [-5, 2**64 - 1])
+def test_any_seed_torch_accepts_round_trips(seed: int, tmp_path: Path) -> None:
+    padim = Padim("efficientnet_lite0", n_features=4, image_size=32, seed=seed)
+    padim.fit([("a", _noise(32, 32)), ("b", _noise(32, 32, 1))])
+    path = save_model(padim, tmp_path / "m.safetensors")
+    assert load_model(path).config.seed == seed
+
+
 def test_cli_bad_model_file_exits_2_without_traceback(
     model_path: Path, tmp_path: Path
 ) -> None:
