@@ -1,0 +1,161 @@
+"""Batch page: score a whole lot, sort it, look at the worst, download a CSV."""
+
+import pandas as pd
+import streamlit as st
+
+from app_ui import state
+from app_ui.figures import display_image, overlay_picture
+from app_ui.scoring import Scale, Scored, scale_of, score_items, verdicts
+from app_ui.sources import Item, pick_images
+from app_ui.widgets import (
+    raw,
+    report_skipped,
+    require_model,
+    show_flash,
+    styled_verdicts,
+)
+from padim_core import demo
+from padim_core.images import ImageError, read_image
+from padim_core.workspace import ModelEntry
+
+# Pictures per row of the gallery of worst images.
+GALLERY_COLUMNS = 4
+
+
+def batch_page() -> None:
+    """Score many images at the model's thresholds; table, gallery and CSV."""
+    st.title("Batch")
+    show_flash()
+    entry = require_model(state.active_model())
+    items, skipped = pick_images(
+        "batch",
+        f"{demo.N_BATCH_GOOD + demo.N_BATCH_DEFECTIVE} cells, good and defective",
+        demo.batch_images,
+    )
+    report_skipped(skipped)
+    if not items:
+        st.info("Choose the images to score.")
+        return
+    thresholds = state.working_thresholds(entry)
+    _threshold_note(entry, thresholds)
+    request = (state.model_key(entry), tuple(item.key for item in items))
+    if st.button(
+        f"Score {len(items):,} images", type="primary", icon=":material/play_arrow:"
+    ):
+        st.session_state[state.BATCH_REQUEST] = request
+    if st.session_state.get(state.BATCH_REQUEST) != request:
+        return
+
+    scored = score_items(entry, items, state.device())
+    report_skipped(scored.skipped, "images")
+    if not len(scored):
+        st.error("None of these images could be read; nothing was scored.")
+        return
+    scale = scale_of(thresholds, scored.scores)
+    frame = results_frame(scored, scale, thresholds.image)
+    _summary(frame, len(scored.skipped))
+    _table(frame)
+    _gallery(scored, items, frame, scale, thresholds.pixel)
+
+
+def _threshold_note(entry: ModelEntry, thresholds) -> None:
+    if thresholds.image is None:
+        st.warning(
+            "This model has no image threshold, so every verdict reads 'unset'. "
+            "Set one on the Thresholds page."
+        )
+        return
+    source = (
+        "unsaved, as set on another page"
+        if state.thresholds_changed(entry)
+        else ("saved in the model")
+    )
+    st.caption(
+        f"Verdicts at image threshold {raw(thresholds.image)} ({source}); a part "
+        "fails when its score reaches it."
+    )
+
+
+def results_frame(
+    scored: Scored, scale: Scale, threshold: float | None
+) -> pd.DataFrame:
+    """One row per image, worst first: path, score, normalised score, verdict."""
+    frame = pd.DataFrame(
+        {
+            "path": scored.names,
+            "score": scored.scores.astype(float),
+            "normalised_score": scale.normalize(scored.scores),
+            "verdict": verdicts(scored.scores, threshold),
+        }
+    )
+    return frame.sort_values("score", ascending=False, kind="stable").reset_index(
+        drop=True
+    )
+
+
+def _summary(frame: pd.DataFrame, n_skipped: int) -> None:
+    cols = st.columns(4)
+    cols[0].metric("Images scored", f"{len(frame):,}")
+    cols[1].metric("Fail", f"{(frame['verdict'] == 'fail').sum():,}")
+    cols[2].metric("Pass", f"{(frame['verdict'] == 'pass').sum():,}")
+    cols[3].metric("Left out", f"{n_skipped:,}")
+
+
+def _table(frame: pd.DataFrame) -> None:
+    st.dataframe(
+        styled_verdicts(frame),
+        hide_index=True,
+        height=min(400, 38 + 35 * len(frame)),
+        column_config={
+            "path": st.column_config.TextColumn("image"),
+            "score": st.column_config.NumberColumn("score (raw)", format="%.2f"),
+            "normalised_score": st.column_config.ProgressColumn(
+                "normalised", min_value=0.0, max_value=1.0, format="%.3f"
+            ),
+            "verdict": st.column_config.TextColumn("verdict"),
+        },
+    )
+    st.download_button(
+        "Download CSV",
+        frame.to_csv(index=False, float_format="%.4f").encode(),
+        file_name="padim_batch.csv",
+        mime="text/csv",
+        icon=":material/download:",
+    )
+    st.caption("Click a column header to sort. The CSV lists the worst first.")
+
+
+def _gallery(
+    scored: Scored,
+    items: list[Item],
+    frame: pd.DataFrame,
+    scale: Scale,
+    pixel: float | None,
+) -> None:
+    st.subheader("Worst images")
+    most = min(48, len(frame))
+    count = (
+        st.slider("How many", 1, most, min(8, most), key="batch_worst")
+        if most > 1
+        else 1
+    )
+    by_name = {item.name: item for item in items}
+    index = {name: i for i, name in enumerate(scored.names)}
+    cols = st.columns(GALLERY_COLUMNS)
+    for k, row in enumerate(frame.head(count).itertuples()):
+        item, i = by_name[row.path], index[row.path]
+        with cols[k % GALLERY_COLUMNS]:
+            try:
+                image = display_image(read_image(item.source(), item.name), 320)
+            except ImageError as error:
+                st.warning(str(error))
+                continue
+            picture = overlay_picture(image, scored.map(i), scale, 0.5, pixel)
+            st.image(picture, width="stretch")
+            st.caption(
+                f"**{row.verdict.upper()}** · {item.name} · {raw(row.score)} raw · "
+                f"{row.normalised_score:.2f}"
+            )
+
+
+batch_page()

@@ -1,0 +1,332 @@
+"""Fit page: fit PaDiM on images of good parts, or add good images to a model."""
+
+from datetime import date
+
+import streamlit as st
+
+from app_ui import state
+from app_ui.fitting import (
+    FitJob,
+    FitRequest,
+    get_job,
+    running_jobs,
+    split_holdout,
+    start_fit,
+)
+from app_ui.sources import Item, pick_images
+from app_ui.widgets import (
+    INSPECT_PAGE,
+    duration,
+    raw,
+    report_skipped,
+    show_flash,
+    time_left_text,
+)
+from padim_core import demo, workspace
+from padim_core.backbones import BACKBONES
+from padim_core.model import make_config
+from padim_core.workspace import ModelEntry
+
+NEW = "New model"
+EXTEND = "Add images to a model"
+IMAGE_SIZES = (128, 160, 192, 224, 256, 320, 384, 448, 512)
+DEFAULT_IMAGE_SIZE = 256
+DEFAULT_BACKBONE = "efficientnet_lite0"
+NAME_KEY = "fit_name"
+
+
+def fit_page() -> None:
+    """Choose good images and settings, fit in the background, save the model."""
+    st.title("Fit")
+    st.caption(
+        "PaDiM learns what good parts look like from images of good parts only. "
+        "The model is saved in the workspace as soon as the fit ends."
+    )
+    show_flash()
+    job = get_job(st.session_state.get(state.FIT_JOB))
+    if job is not None and job.running:
+        _progress(job.id)
+    elif job is not None:
+        _outcome(job)
+    else:
+        _ready_note()
+    _others_running(job)
+
+    root = state.workspace_root()
+    entries = [entry for entry in workspace.list_models(root) if entry.error is None]
+    mode = NEW
+    if entries:
+        mode = st.segmented_control(
+            "Task", [NEW, EXTEND], default=NEW, key="fit_mode", required=True
+        )
+    items, skipped = pick_images(
+        "fit",
+        f"{demo.N_TRAIN} good monocrystalline solar cells (elpv-dataset)",
+        demo.train_images,
+        "Images of good parts",
+    )
+    report_skipped(skipped)
+    busy = job is not None and job.running
+    if mode == EXTEND:
+        request = _extend_form(items, entries, root, busy)
+    else:
+        request = _new_form(items, root, busy)
+    if request is not None:
+        request.source = (
+            "demo" if items and items[0].key.startswith("demo:") else "upload"
+        )
+        st.session_state[state.FIT_JOB] = start_fit(request).id
+        st.session_state.pop(NAME_KEY, None)
+        st.rerun()
+
+
+@st.fragment(run_every=1.0)
+def _progress(job_id: int) -> None:
+    job = get_job(job_id)
+    if job is None or not job.running:
+        st.rerun()
+    text = time_left_text(job.phase, job.done, job.total, job.elapsed)
+    st.progress(min(job.done / max(job.total, 1), 1.0), text=text)
+    st.caption(
+        "You can use the other pages meanwhile; the model appears in the "
+        "workspace when the fit ends."
+    )
+
+
+def _outcome(job: FitJob) -> None:
+    if job.error is not None:
+        st.error(
+            f"The fit of {job.request.name!r} failed: {job.error}. Nothing was saved."
+        )
+    else:
+        st.success(
+            f"Model **{job.path.stem}** saved: {job.n_images:,} images in "
+            f"{duration(job.elapsed)}. It is now the active model."
+        )
+        if job.held_out:
+            st.info(
+                f"{job.held_out} good images were held out of the fit; the 99th "
+                "percentile of their scores is the first image threshold. Tune it on "
+                "the Thresholds page with good and defective images."
+            )
+        for note in job.notes:
+            st.warning(note)
+        st.page_link(INSPECT_PAGE, label="Inspect images", icon=":material/search:")
+    report_skipped(job.skipped)
+
+
+def _ready_note() -> None:
+    active = state.active_model()
+    if active is None or active.error is not None:
+        return
+    note, link = st.columns([3, 1], vertical_alignment="center")
+    note.caption(
+        f"The active model **{active.name}** is ready. Fit a new one below, or add "
+        "good images to a model."
+    )
+    link.page_link(INSPECT_PAGE, label="Inspect images", icon=":material/search:")
+
+
+def _others_running(own: FitJob | None) -> None:
+    for job in running_jobs():
+        if own is None or job.id != own.id:
+            st.info(
+                f"A fit of {job.request.name!r} started earlier is running "
+                f"({job.done:,} of {job.total:,} images); its model appears in the "
+                "workspace when it ends."
+            )
+
+
+def _backbone_label(name: str) -> str:
+    return f"{name} — {BACKBONES[name].weights_source}"
+
+
+def _layer_label(spec, layer: str) -> str:
+    stride, channels = spec.layers[layer]
+    return f"{layer} (stride {stride}, {channels} channels)"
+
+
+def _new_form(items: list[Item], root, busy: bool) -> FitRequest | None:
+    """Settings of a new model; returns a request when the user starts it."""
+    left, middle, right = st.columns(3)
+    names = list(BACKBONES)
+    backbone = left.selectbox(
+        "Backbone",
+        names,
+        index=names.index(DEFAULT_BACKBONE),
+        key="fit_backbone",
+        format_func=_backbone_label,
+    )
+    spec = BACKBONES[backbone]
+    layers = middle.multiselect(
+        "Layers",
+        list(spec.layers),
+        default=list(spec.default_layers),
+        key=f"fit_layers_{backbone}",
+        format_func=lambda layer: _layer_label(spec, layer),
+    )
+    available = spec.channels(layers) if layers else 1
+    n_features = right.number_input(
+        "Random channels kept (n_features)",
+        1,
+        available,
+        min(spec.default_n_features, available),
+        key=f"fit_nf_{backbone}_{layers}",
+        help=f"1 to {available} for these layers; more is slower and larger.",
+    )
+    image_size = left.selectbox(
+        "Image size",
+        IMAGE_SIZES,
+        index=IMAGE_SIZES.index(DEFAULT_IMAGE_SIZE),
+        format_func=lambda side: f"{side} × {side} px",
+        key="fit_image_size",
+    )
+    name = middle.text_input("Model name", _default_name(items, root), key=NAME_KEY)
+    seed, batch_size, hold_out, pre_trained = _more_settings(backbone)
+    config = {
+        "backbone": backbone,
+        "layers": tuple(layers),
+        "n_features": int(n_features),
+        "image_size": int(image_size),
+        "seed": int(seed),
+        "pre_trained": pre_trained,
+    }
+    ready = _check_weights(config) and bool(layers)
+    _estimate(items, config, hold_out)
+    clicked = st.button(
+        "Fit model",
+        type="primary",
+        icon=":material/play_arrow:",
+        disabled=busy or not items or not ready,
+    )
+    if not clicked:
+        return None
+    return _new_request(items, root, name, config, batch_size, hold_out)
+
+
+def _more_settings(backbone: str) -> tuple[int, int, bool, bool]:
+    with st.expander("More settings"):
+        left, right = st.columns(2)
+        seed = left.number_input(
+            "Seed of the channel subset", 0, 2**31 - 1, 0, key="fit_seed"
+        )
+        batch_size = right.number_input("Batch size", 1, 256, 16, key="fit_batch")
+        hold_out = left.toggle(
+            "Hold out 10 % of the images to set a first threshold",
+            True,
+            key="fit_hold_out",
+            help="Needs at least 5 images; the held-out images are not fitted on.",
+        )
+        pre_trained = right.toggle(
+            "ImageNet weights",
+            True,
+            key=f"fit_pre_{backbone}",
+            help="Off: random weights (a weaker baseline).",
+        )
+    return seed, batch_size, hold_out, pre_trained
+
+
+def _check_weights(config: dict) -> bool:
+    """Warn when the backbone's weights are missing; offer random weights."""
+    problem = workspace.weights_missing(make_config(**config))
+    if problem is None:
+        return True
+    st.warning(
+        f"{problem[0].upper()}{problem[1:]}. Under *More settings*, turn off "
+        "*ImageNet weights* to fit with random weights instead."
+    )
+    return False
+
+
+def _estimate(items: list[Item], config: dict, hold_out: bool) -> None:
+    spec = BACKBONES[config["backbone"]]
+    if not config["layers"]:
+        st.warning("Choose at least one layer.")
+        return
+    stride = min(spec.layers[layer][0] for layer in config["layers"])
+    side = -(-config["image_size"] // stride)
+    c = config["n_features"]
+    megabytes = side * side * c * (c + 1) * 4 / 2**20
+    train, held = split_holdout(items) if hold_out else (items, [])
+    st.caption(
+        f"{len(train):,} images to fit on, {len(held)} held out · feature grid "
+        f"{side} × {side} · model file about {megabytes:,.0f} MB"
+    )
+    if items and len(train) <= c:
+        st.caption(
+            f"Tip: with {c} channels, more than {c} good images make the covariances "
+            "rest on data rather than on the ridge."
+        )
+
+
+def _default_name(items: list[Item], root) -> str:
+    demo_set = bool(items) and items[0].key.startswith("demo:")
+    base = "solar-cells" if demo_set else f"model-{date.today().isoformat()}"
+    return workspace.unique_name(base, root)
+
+
+def _new_request(items, root, name, config, batch_size, hold_out) -> FitRequest | None:
+    try:
+        name = workspace.check_name(name)
+        make_config(**config)
+    except ValueError as error:
+        st.error(str(error))
+        return None
+    if workspace.model_path(name, root).exists():
+        st.error(f"A model called {name!r} exists already; choose another name.")
+        return None
+    return FitRequest(
+        items=items,
+        name=name,
+        root=root,
+        device=state.device(),
+        batch_size=int(batch_size),
+        hold_out=hold_out,
+        **config,
+    )
+
+
+def _extend_form(
+    items: list[Item], entries: list[ModelEntry], root, busy: bool
+) -> FitRequest | None:
+    """Pick a model to add the images to; returns a request when started."""
+    active = state.active_model()
+    names = [entry.name for entry in entries]
+    index = (
+        names.index(active.name) if active is not None and active.name in names else 0
+    )
+    chosen = st.selectbox("Model to extend", names, index=index, key="fit_extend_model")
+    entry = entries[names.index(chosen)]
+    thresholds = entry.thresholds
+    st.caption(
+        f"{entry.config.backbone} · {entry.config.image_size} px · "
+        f"{entry.n_images:,} images so far · image threshold {raw(thresholds.image)}. "
+        "The new images are added to its statistics; nothing is refitted."
+    )
+    ready = _check_weights(entry.config.to_dict())
+    label = f"Add {len(items):,} images" if items else "Add images"
+    if not st.button(
+        label,
+        type="primary",
+        icon=":material/add:",
+        disabled=busy or not items or not ready,
+    ):
+        return None
+    config = entry.config
+    return FitRequest(
+        items=items,
+        name=entry.name,
+        root=root,
+        device=state.device(),
+        backbone=config.backbone,
+        layers=config.layers,
+        n_features=config.n_features,
+        image_size=config.image_size,
+        seed=config.seed,
+        pre_trained=config.pre_trained,
+        hold_out=False,
+        extend=entry.path,
+    )
+
+
+fit_page()

@@ -1,0 +1,233 @@
+"""Fitting in a background thread, so the app stays usable while it runs.
+
+A :class:`FitJob` fits (or extends) a model and saves it into the workspace
+on its own thread; pages only read its progress. Jobs are kept in a registry
+shared by all sessions, so a fit survives a browser refresh and the page can
+show it again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import streamlit as st
+import torch
+
+from app_ui.sources import Item
+from padim_core import workspace
+from padim_core.backbones import WeightsUnavailableError
+from padim_core.images import ImageError, Skipped
+from padim_core.model import DEFAULT_BATCH_SIZE, Padim
+from padim_core.model_file import MODEL_SUFFIX, ModelFileError, load_model, save_model
+
+logger = logging.getLogger(__name__)
+
+# A tenth of the good images is held out to set a first threshold, once there
+# are enough that losing one still leaves most of them to fit on.
+HOLDOUT_FRACTION = 0.1
+MIN_IMAGES_FOR_HOLDOUT = 5
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class FitRequest:
+    """What to fit: the images, the model's settings and where to save it.
+
+    ``extend`` names an existing model file to add the images to; the other
+    settings are then taken from that model.
+    """
+
+    items: list[Item]
+    name: str
+    root: Path
+    device: str = "cpu"
+    backbone: str = "efficientnet_lite0"
+    layers: tuple[str, ...] | None = None
+    n_features: int | None = None
+    image_size: int = 256
+    seed: int = 0
+    pre_trained: bool = True
+    batch_size: int = DEFAULT_BATCH_SIZE
+    hold_out: bool = True
+    source: str = "upload"
+    extend: Path | None = None
+
+
+@dataclass
+class FitJob:
+    """A fit running on its own thread; the pages read it, never write it."""
+
+    request: FitRequest
+    id: int = field(default_factory=lambda: next(_ids))
+    phase: str = "Starting"
+    done: int = 0
+    total: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
+    error: str | None = None
+    n_images: int = 0
+    held_out: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    path: Path | None = None
+
+    @property
+    def running(self) -> bool:
+        """True until the fit has finished or failed."""
+        return self.finished is None
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the start, or the whole run once finished."""
+        return (self.finished or time.perf_counter()) - self.started
+
+
+@st.cache_resource
+def _registry() -> dict[int, FitJob]:
+    """Every fit started since the server started, by id."""
+    return {}
+
+
+def get_job(job_id: int | None) -> FitJob | None:
+    """The job with this id, if any."""
+    return None if job_id is None else _registry().get(job_id)
+
+
+def running_jobs() -> list[FitJob]:
+    """Fits still running, from any session."""
+    return [job for job in _registry().values() if job.running]
+
+
+def start_fit(request: FitRequest) -> FitJob:
+    """Start fitting on a background thread and return the job at once."""
+    job = FitJob(request, total=len(request.items))
+    _registry()[job.id] = job
+    thread = threading.Thread(
+        target=_run, args=(job,), name=f"fit-{job.id}", daemon=True
+    )
+    thread.start()
+    return job
+
+
+def split_holdout(items: list[Item]) -> tuple[list[Item], list[Item]]:
+    """Set aside evenly spaced images to score after the fit: (train, held)."""
+    n = len(items)
+    if n < MIN_IMAGES_FOR_HOLDOUT:
+        return list(items), []
+    k = max(1, round(n * HOLDOUT_FRACTION))
+    chosen = {int((i + 0.5) * n / k) for i in range(k)}
+    train = [item for i, item in enumerate(items) if i not in chosen]
+    return train, [items[i] for i in sorted(chosen)]
+
+
+def _run(job: FitJob) -> None:
+    try:
+        with torch.no_grad():
+            if job.request.extend is not None:
+                _extend(job)
+            else:
+                _fit_new(job)
+    except (ImageError, ModelFileError, WeightsUnavailableError) as error:
+        job.error = str(error)
+    except (ValueError, RuntimeError, OSError) as error:
+        job.error = f"{type(error).__name__}: {error}"
+        logger.exception("fit %d failed", job.id)
+    except Exception as error:
+        job.error = f"unexpected {type(error).__name__}: {error}"
+        logger.exception("fit %d failed", job.id)
+    finally:
+        job.finished = time.perf_counter()
+
+
+def _progress(job: FitJob, offset: int = 0):
+    def report(done: int, total: int) -> None:
+        job.done = offset + done
+
+    return report
+
+
+def _fit_new(job: FitJob) -> None:
+    request = job.request
+    train, held = (
+        split_holdout(request.items) if request.hold_out else (request.items, [])
+    )
+    job.phase = "Loading the backbone"
+    padim = Padim(
+        backbone=request.backbone,
+        layers=request.layers,
+        pre_trained=request.pre_trained,
+        n_features=request.n_features,
+        image_size=request.image_size,
+        seed=request.seed,
+        device=request.device,
+    )
+    job.phase = "Fitting"
+    report = padim.fit(
+        [item.pair() for item in train], request.batch_size, _progress(job)
+    )
+    job.n_images, job.skipped = report.images, list(report.skipped)
+    if held:
+        _set_thresholds(job, padim, held, offset=len(train))
+    padim.metadata.update(
+        name=request.name,
+        source=request.source,
+        device=request.device,
+        held_out=job.held_out,
+        skipped=len(job.skipped),
+    )
+    _save(job, padim, workspace.model_path(request.name, request.root))
+
+
+def _set_thresholds(job: FitJob, padim: Padim, held: list[Item], offset: int) -> None:
+    job.phase = "Scoring held-out images for a first threshold"
+    prediction, skipped = padim.predict([item.pair() for item in held])
+    job.skipped.extend(skipped)
+    job.done = offset + len(held)
+    if prediction is None:
+        job.notes.append("No held-out image could be scored, so no threshold is set.")
+        return
+    job.held_out = len(prediction.names)
+    padim.thresholds = workspace.thresholds_from_good(prediction.scores.numpy())
+
+
+def _extend(job: FitJob) -> None:
+    request = job.request
+    job.phase = "Loading the model"
+    padim = load_model(request.extend, device=request.device)
+    before = padim.n_images
+    job.phase = "Adding images"
+    report = padim.fit(
+        [item.pair() for item in request.items], request.batch_size, _progress(job)
+    )
+    job.n_images, job.skipped = report.images, list(report.skipped)
+    padim.metadata["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
+    padim.metadata["added_images"] = (
+        padim.metadata.get("added_images", 0) + report.images
+    )
+    job.notes.append(
+        f"The model now holds {padim.n_images:,} images ({before:,} before). Its "
+        "thresholds are kept; check them on the Thresholds page."
+    )
+    _save(job, padim, Path(request.extend))
+
+
+def _save(job: FitJob, padim: Padim, path: Path) -> None:
+    job.phase = "Saving"
+    if padim.n_images <= padim.config.n_features:
+        job.notes.append(
+            f"Fitted on {padim.n_images:,} images for {padim.config.n_features} "
+            "channels: the covariances rest mostly on the ridge. Add more good "
+            "images for reliable scores."
+        )
+    save_model(padim, path)
+    workspace.set_active(path.name.removesuffix(MODEL_SUFFIX), job.request.root)
+    job.path = path
+    job.phase = "Done"
+    logger.info("fit %d saved %s", job.id, path)

@@ -1,0 +1,139 @@
+"""Threshold sliders that every page shares, and saving them into the model.
+
+A slider shows raw Mahalanobis distances (with the normalised value beside
+it). What it is set to is kept per model in the session, so the Inspect,
+Thresholds and Batch pages agree, until the user saves it into the model
+file or reverts to what is saved.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import streamlit as st
+
+from app_ui import state
+from app_ui.scoring import Scale, scale_of
+from app_ui.widgets import flash, raw
+from padim_core.model import Thresholds
+from padim_core.workspace import ModelEntry, save_thresholds
+
+# The slider reaches this far above the largest value it must show.
+HEADROOM = 1.25
+
+# Slider steps per full range.
+STEPS = 1000
+
+LABELS = {"image": "Image threshold", "pixel": "Pixel threshold"}
+HELP = {
+    "image": "A part fails when its score (the map's maximum) reaches this value.",
+    "pixel": "The outline encloses the pixels whose map value reaches this value.",
+}
+
+
+def nice_ceiling(value: float) -> float:
+    """The smallest of 1, 2, 2.5 or 5 times a power of ten at least ``value``."""
+    if value <= 0 or not math.isfinite(value):
+        return 1.0
+    power = 10 ** math.floor(math.log10(value))
+    for factor in (1, 2, 2.5, 5, 10):
+        if factor * power >= value:
+            return factor * power
+    return 10 * power
+
+
+def slider_range(*values: float | None) -> tuple[float, float]:
+    """(top, step) for a slider from 0 that shows every one of ``values``."""
+    known = [v for v in values if v is not None and math.isfinite(v)]
+    top = nice_ceiling(max(known, default=1.0) * HEADROOM)
+    return top, nice_ceiling(top / STEPS) / 2 if top >= 1 else top / STEPS
+
+
+def threshold_slider(
+    entry: ModelEntry, which: str, page: str, top: float, step: float, fallback: float
+) -> float:
+    """A slider for the ``image`` or ``pixel`` threshold being tried.
+
+    Args:
+        entry: The model.
+        which: ``"image"`` or ``"pixel"``.
+        page: Distinguishes the pages' widget keys.
+        top: Largest value the slider offers.
+        step: Slider step.
+        fallback: Where the slider starts when no threshold is set.
+    """
+    key = f"{page}_{which}_{state.model_key(entry)}"
+    working = getattr(state.working_thresholds(entry), which)
+    if key not in st.session_state:
+        st.session_state[key] = float(working if working is not None else fallback)
+    st.session_state[key] = float(np.clip(st.session_state[key], 0.0, top))
+    return st.slider(
+        LABELS[which],
+        0.0,
+        float(top),
+        step=float(step),
+        key=key,
+        help=HELP[which],
+        on_change=_remember,
+        args=(entry, which, key),
+        format="%.2f",
+    )
+
+
+def _remember(entry: ModelEntry, which: str, key: str) -> None:
+    state.set_working_thresholds(entry, **{which: float(st.session_state[key])})
+
+
+def set_threshold(entry: ModelEntry, page: str, **values: float | None) -> None:
+    """Set thresholds being tried, and the page's sliders with them (callback)."""
+    state.set_working_thresholds(entry, **values)
+    for which in values:
+        st.session_state.pop(f"{page}_{which}_{state.model_key(entry)}", None)
+
+
+def to_save(entry: ModelEntry, image: float, pixel: float | None) -> Thresholds:
+    """The thresholds to write: the ones tried, with a range that holds them."""
+    working = state.working_thresholds(entry)
+    scale = scale_of(Thresholds(image, pixel, working.score_min, working.score_max))
+    return Thresholds(image, pixel, scale.low, scale.high)
+
+
+def save_buttons(entry: ModelEntry, thresholds: Thresholds, page: str) -> None:
+    """Save ``thresholds`` into the model file, or revert to what is saved."""
+    saved = entry.thresholds or Thresholds()
+    changed = thresholds != saved
+    left, right, note = st.columns([1, 1, 3], vertical_alignment="center")
+    if left.button(
+        "Save to model",
+        type="primary",
+        disabled=not changed,
+        icon=":material/save:",
+        key=f"{page}_save",
+    ):
+        save_thresholds(entry.path, thresholds)
+        state.forget_working_thresholds(entry)
+        flash(
+            f"Saved in {entry.name}: image threshold {raw(thresholds.image)}, "
+            f"pixel threshold {raw(thresholds.pixel)}."
+        )
+        st.rerun()
+    if right.button(
+        "Revert to saved",
+        disabled=not changed,
+        key=f"{page}_revert",
+        icon=":material/undo:",
+    ):
+        state.forget_working_thresholds(entry)
+        for which in ("image", "pixel"):
+            st.session_state.pop(f"{page}_{which}_{state.model_key(entry)}", None)
+        st.rerun()
+    note.caption(
+        f"Saved in the model: image {raw(saved.image)}, pixel {raw(saved.pixel)}."
+        + (" **Unsaved changes.**" if changed else "")
+    )
+
+
+def describe_score(score: float, scale: Scale) -> str:
+    """``412.31 raw · 0.83 normalised``."""
+    return f"{raw(score)} raw · {float(scale.normalize(score)):.2f} normalised"

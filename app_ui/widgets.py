@@ -1,0 +1,134 @@
+"""Small widgets that several pages share: headers, badges, notices, numbers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pandas as pd
+import streamlit as st
+
+from app_ui.state import FLASH
+from padim_core.images import Skipped
+from padim_core.workspace import ModelEntry
+
+# The page scripts. Their folder is not called pages/: Streamlit would treat
+# such a folder as an old-style multipage app on a server's first run (and
+# in every AppTest run), bypassing the routing of app.py.
+FIT_PAGE = "app_pages/fit.py"
+INSPECT_PAGE = "app_pages/inspect.py"
+THRESHOLDS_PAGE = "app_pages/thresholds.py"
+BATCH_PAGE = "app_pages/batch.py"
+MODELS_PAGE = "app_pages/models.py"
+
+# How many skipped files are listed by name before the rest is counted.
+MAX_LISTED = 200
+
+
+def time_left_text(label: str, done: int, total: int, elapsed: float) -> str:
+    """``Label: 12 of 120 images · 8 s · about 40 s left``."""
+    text = f"{label}: {done:,} of {total:,} images · {duration(elapsed)}"
+    if 0 < done < total:
+        text += f" · about {duration(elapsed / done * (total - done))} left"
+    return text
+
+
+def duration(seconds: float) -> str:
+    """Seconds in words a person reads at a glance: ``45 s``, ``3 min 5 s``."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+def raw(value: float | None) -> str:
+    """A raw Mahalanobis distance, to a useful precision."""
+    if value is None or not math.isfinite(value):
+        return "not set"
+    return f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def percent(value: float) -> str:
+    """A rate as a percentage; ``n/a`` when undefined."""
+    return "n/a" if not math.isfinite(value) else f"{100 * value:.1f} %"
+
+
+def verdict_badge(verdict: str) -> None:
+    """A coloured PASS / FAIL badge."""
+    if verdict == "fail":
+        st.badge("FAIL", icon=":material/cancel:", color="red")
+    elif verdict == "pass":
+        st.badge("PASS", icon=":material/check_circle:", color="green")
+    else:
+        st.badge("NO THRESHOLD", icon=":material/help:", color="gray")
+
+
+VERDICT_STYLES = {
+    "fail": "color: #c62828; font-weight: 600",
+    "pass": "color: #2e7d32",
+    "unset": "color: #757575",
+}
+
+
+def styled_verdicts(frame: pd.DataFrame, column: str = "verdict"):
+    """``frame`` with its verdicts coloured, for ``st.dataframe``."""
+    return frame.style.map(lambda value: VERDICT_STYLES.get(value, ""), subset=[column])
+
+
+def model_summary(entry: ModelEntry) -> str:
+    """One line about a model: backbone, layers, channels, size, images."""
+    config = entry.config
+    return (
+        f"{config.backbone} · {', '.join(config.layers)} · {config.n_features} "
+        f"channels · {config.image_size} px · {entry.n_images:,} training images"
+    )
+
+
+def require_model(entry: ModelEntry | None) -> ModelEntry:
+    """Show the active model, or explain how to get one and stop the page."""
+    if entry is None:
+        st.info("No model yet. Fit one on good images first, or upload a model file.")
+        col_fit, col_models = st.columns(2)
+        col_fit.page_link(
+            FIT_PAGE, label="Fit a model", icon=":material/model_training:"
+        )
+        col_models.page_link(
+            MODELS_PAGE, label="Upload a model", icon=":material/upload:"
+        )
+        st.stop()
+    st.caption(f"Model **{entry.name}** · {model_summary(entry)}")
+    return entry
+
+
+def report_skipped(skipped: Sequence[Skipped], what: str = "files") -> None:
+    """Warn about files left out, naming each with the reason."""
+    if not skipped:
+        return
+    st.warning(
+        f"{len(skipped):,} {what} could not be used and were left out; "
+        "everything else went on."
+    )
+    with st.expander(f"Files left out ({len(skipped):,})"):
+        rows = [{"file": item.name, "reason": item.reason} for item in skipped]
+        if len(rows) > MAX_LISTED:
+            st.caption(f"The first {MAX_LISTED} of {len(rows):,}.")
+        st.dataframe(pd.DataFrame(rows[:MAX_LISTED]), hide_index=True)
+
+
+def flash(message: str, kind: str = "success") -> None:
+    """Keep a message to show once on the next run (see :func:`show_flash`)."""
+    st.session_state[FLASH] = (kind, message)
+
+
+def show_flash() -> None:
+    """Show and forget the message kept by :func:`flash`."""
+    kept = st.session_state.pop(FLASH, None)
+    if kept is not None:
+        kind, message = kept
+        getattr(st, kind)(message)

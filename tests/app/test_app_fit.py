@@ -1,0 +1,102 @@
+"""AppTests of the Fit page: demo fit, uploads with bad files, extending."""
+
+from __future__ import annotations
+
+import pytest
+from apptools import (
+    assert_clean,
+    by_label,
+    demo_uploads,
+    open_page,
+    texts,
+    upload,
+    wait_for,
+    zip_bytes,
+)
+
+from padim_core import demo, workspace
+from padim_core.backbones import cached_weights_path
+from padim_core.model_file import read_header
+
+
+def small_settings(at) -> None:
+    """Choose the quick settings of these tests."""
+    by_label(at.selectbox, "Image size").set_value(128)
+    by_label(at.number_input, "Random channels kept").set_value(20)
+    at.run()
+
+
+def finished(at) -> bool:
+    """The fit ended: a success or an error is shown."""
+    return bool(at.success) or bool(at.error)
+
+
+def test_fit_on_the_demo_saves_an_active_model_with_thresholds(workspace_root):
+    at = open_page("fit")
+    assert_clean(at)
+    small_settings(at)
+    by_label(at.button, "Fit model").click().run()
+    wait_for(at, finished)
+
+    assert_clean(at)
+    assert "saved" in texts(at.success)
+    entry = workspace.get_active(workspace_root)
+    assert entry is not None and entry.path.is_file()
+    header = read_header(entry.path)
+    held_out = round(demo.N_TRAIN * 0.1)
+    assert header["info"]["n_images"] == demo.N_TRAIN - held_out
+    thresholds = header["thresholds"]
+    assert thresholds.score_min < thresholds.image < thresholds.score_max
+    assert thresholds.pixel == thresholds.image
+
+
+def test_fit_on_uploads_skips_bad_files_and_names_them(workspace_root):
+    at = open_page("fit")
+    at.radio(key="fit_source").set_value("Upload files or a zip").run()
+    good = demo_uploads(demo.train_images(5))
+    archive = zip_bytes({"more/a.png": good[0][1], "notes.txt": b"hello"})
+    files = [*good, upload("broken.png", b"not an image"), upload("lot.zip", archive)]
+    at.file_uploader(key="fit_Upload files or a zip").set_value(files).run()
+    small_settings(at)
+    by_label(at.button, "Fit model").click().run()
+    wait_for(at, finished)
+
+    assert not at.exception
+    assert "saved" in texts(at.success)
+    warned = texts(at.warning)
+    assert "could not be used" in warned
+    listed = texts(at.dataframe)
+    assert "broken.png" in listed and "notes.txt" in listed
+    entry = workspace.get_active(workspace_root)
+    assert entry.n_images == 5  # 6 images, 1 held out
+
+
+def test_adding_images_extends_the_model_without_refitting(fitted):
+    before = fitted.n_images
+    at = open_page("fit")
+    at.segmented_control(key="fit_mode").set_value("Add images to a model").run()
+    at.radio(key="fit_source").set_value("Upload files or a zip").run()
+    files = demo_uploads(demo.train_images()[100:103])
+    at.file_uploader(key="fit_Upload files or a zip").set_value(files).run()
+    by_label(at.button, "Add 3 images").click().run()
+    wait_for(at, finished)
+
+    assert_clean(at)
+    after = workspace.describe(fitted.path)
+    assert after.n_images == before + 3
+    assert after.thresholds == fitted.thresholds
+    assert after.info["added_images"] == 3
+
+
+@pytest.mark.skipif(
+    cached_weights_path("resnet18").is_file(), reason="resnet18 weights are cached"
+)
+def test_missing_weights_are_explained_and_random_weights_offered(workspace_root):
+    at = open_page("fit")
+    by_label(at.selectbox, "Backbone").set_value("resnet18").run()
+
+    assert not at.exception
+    assert "not on this machine" in texts(at.warning)
+    assert by_label(at.button, "Fit model").disabled
+    at.toggle(key="fit_pre_resnet18").set_value(False).run()
+    assert not by_label(at.button, "Fit model").disabled

@@ -1,0 +1,79 @@
+"""AppTests of the Thresholds page: demo, only-good sets, masks, saving."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from apptools import assert_clean, by_label, demo_uploads, open_page, texts, zip_bytes
+from PIL import Image
+
+from padim_core import demo, workspace
+
+SEPARATE = "Upload good and defective images"
+MVTEC = "Upload a zip or folder in MVTec layout"
+
+
+def metric(at, label: str) -> str:
+    return by_label(at.metric, label).value
+
+
+def test_demo_validation_shows_rates_and_curves(fitted):
+    at = open_page("thresholds")
+
+    assert_clean(at)
+    for label in ("False-reject rate", "Escape rate", "Image AUROC"):
+        assert metric(at, label) != "n/a"
+    assert len(at.get("plotly_chart")) == 3  # histogram, ROC, precision-recall
+
+
+def test_the_suggested_threshold_can_be_taken_and_saved(fitted):
+    at = open_page("thresholds")
+    by_label(at.button, "Use suggested").click().run()
+    chosen = by_label(at.slider, "Image threshold").value
+    by_label(at.button, "Save to model").click().run()
+
+    assert_clean(at)
+    saved = workspace.describe(fitted.path).thresholds
+    assert saved.image == chosen
+    assert saved.score_min <= saved.image <= saved.score_max
+
+
+def test_only_good_images_offer_a_percentile(fitted):
+    at = open_page("thresholds")
+    at.radio(key="thresholds_source").set_value(SEPARATE).run()
+    good = demo_uploads(demo.validation_images()[0][:6])
+    at.file_uploader(key="thresholds_good").set_value(good).run()
+
+    assert_clean(at)
+    assert "All these validation images are good" in texts(at.warning)
+    assert metric(at, "Escape rate") == "n/a"
+    by_label(at.slider, "Percentile").set_value(90.0).run()
+    assert_clean(at)
+    assert "90th percentile" in texts(at.caption)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_mvtec_zip_with_masks_gives_pixel_metrics(fitted):
+    good, defective = demo.validation_images()
+    mask = np.zeros((300, 300), np.uint8)
+    mask[100:200, 100:200] = 255
+    members = {f"cells/test/good/{p.name}": p.read_bytes() for p in good[:4]}
+    for path in defective[:4]:
+        members[f"cells/test/crack/{path.name}"] = path.read_bytes()
+        members[f"cells/ground_truth/crack/{path.stem}_mask.png"] = _png(mask)
+    members["cells/train/good/extra.png"] = good[5].read_bytes()
+    at = open_page("thresholds")
+    at.radio(key="thresholds_source").set_value(MVTEC).run()
+    upload = ("cells.zip", zip_bytes(members), "application/zip")
+    at.file_uploader(key="thresholds_mvtec_files").set_value(upload).run()
+
+    assert not at.exception
+    assert 0.0 <= float(metric(at, "Pixel AUROC")) <= 1.0
+    assert 0.0 <= float(metric(at, "AUPRO")) <= 1.0
+    assert "outside the test/ folder" in texts(at.dataframe)
