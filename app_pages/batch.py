@@ -7,6 +7,7 @@ from app_ui import state
 from app_ui.figures import display_image, overlay_picture
 from app_ui.scoring import Scale, Scored, scale_of, score_items, verdicts
 from app_ui.sources import Item, pick_images
+from app_ui.state import PERSIST
 from app_ui.widgets import (
     raw,
     report_skipped,
@@ -135,7 +136,9 @@ def _gallery(
     st.subheader("Worst images")
     most = min(48, len(frame))
     count = (
-        st.slider("How many", 1, most, min(8, most), key="batch_worst")
+        st.slider(
+            "How many", 1, most, min(8, most), key="batch_worst", persist_state=PERSIST
+        )
         if most > 1
         else 1
     )

@@ -14,6 +14,7 @@ from app_ui.fitting import (
     start_fit,
 )
 from app_ui.sources import Item, pick_images
+from app_ui.state import PERSIST
 from app_ui.widgets import (
     INSPECT_PAGE,
     duration,
@@ -57,7 +58,12 @@ def fit_page() -> None:
     mode = NEW
     if entries:
         mode = st.segmented_control(
-            "Task", [NEW, EXTEND], default=NEW, key="fit_mode", required=True
+            "Task",
+            [NEW, EXTEND],
+            default=NEW,
+            key="fit_mode",
+            required=True,
+            persist_state=PERSIST,
         )
     items, skipped = pick_images(
         "fit",
@@ -85,7 +91,8 @@ def _progress(job_id: int) -> None:
     job = get_job(job_id)
     if job is None or not job.running:
         st.rerun()
-    text = time_left_text(job.phase, job.done, job.total, job.elapsed)
+    label = f"{job.phase} ({job.request.name})"
+    text = time_left_text(label, job.done, job.total, job.elapsed)
     st.progress(min(job.done / max(job.total, 1), 1.0), text=text)
     st.caption(
         "You can use the other pages meanwhile; the model appears in the "
@@ -155,6 +162,7 @@ def _new_form(items: list[Item], root, busy: bool) -> FitRequest | None:
         names,
         index=names.index(DEFAULT_BACKBONE),
         key="fit_backbone",
+        persist_state=PERSIST,
         format_func=_backbone_label,
     )
     spec = BACKBONES[backbone]
@@ -163,6 +171,7 @@ def _new_form(items: list[Item], root, busy: bool) -> FitRequest | None:
         list(spec.layers),
         default=list(spec.default_layers),
         key=f"fit_layers_{backbone}",
+        persist_state=PERSIST,
         format_func=lambda layer: _layer_label(spec, layer),
     )
     available = spec.channels(layers) if layers else 1
@@ -172,6 +181,7 @@ def _new_form(items: list[Item], root, busy: bool) -> FitRequest | None:
         available,
         min(spec.default_n_features, available),
         key=f"fit_nf_{backbone}_{layers}",
+        persist_state=PERSIST,
         help=f"1 to {available} for these layers; more is slower and larger.",
     )
     image_size = left.selectbox(
@@ -180,8 +190,11 @@ def _new_form(items: list[Item], root, busy: bool) -> FitRequest | None:
         index=IMAGE_SIZES.index(DEFAULT_IMAGE_SIZE),
         format_func=lambda side: f"{side} × {side} px",
         key="fit_image_size",
+        persist_state=PERSIST,
     )
-    name = middle.text_input("Model name", _default_name(items, root), key=NAME_KEY)
+    name = middle.text_input(
+        "Model name", _default_name(items, root), key=NAME_KEY, persist_state=PERSIST
+    )
     seed, batch_size, hold_out, pre_trained = _more_settings(backbone)
     config = {
         "backbone": backbone,
@@ -208,19 +221,28 @@ def _more_settings(backbone: str) -> tuple[int, int, bool, bool]:
     with st.expander("More settings"):
         left, right = st.columns(2)
         seed = left.number_input(
-            "Seed of the channel subset", 0, 2**31 - 1, 0, key="fit_seed"
+            "Seed of the channel subset",
+            0,
+            2**31 - 1,
+            0,
+            key="fit_seed",
+            persist_state=PERSIST,
         )
-        batch_size = right.number_input("Batch size", 1, 256, 16, key="fit_batch")
+        batch_size = right.number_input(
+            "Batch size", 1, 256, 16, key="fit_batch", persist_state=PERSIST
+        )
         hold_out = left.toggle(
             "Hold out 10 % of the images to set a first threshold",
             True,
             key="fit_hold_out",
+            persist_state=PERSIST,
             help="Needs at least 5 images; the held-out images are not fitted on.",
         )
         pre_trained = right.toggle(
             "ImageNet weights",
             True,
             key=f"fit_pre_{backbone}",
+            persist_state=PERSIST,
             help="Off: random weights (a weaker baseline).",
         )
     return seed, batch_size, hold_out, pre_trained

@@ -8,8 +8,10 @@ from app_ui import state
 from app_ui.figures import inspection_figure
 from app_ui.scoring import Scale, Scored, scale_of, score_items, verdicts
 from app_ui.sources import Item, pick_images
+from app_ui.state import PERSIST
 from app_ui.thresholding import (
     describe_score,
+    pixel_control,
     save_buttons,
     slider_range,
     threshold_slider,
@@ -87,19 +89,24 @@ def _controls(entry: ModelEntry, scored: Scored) -> tuple[float, float, float]:
     with left:
         image = threshold_slider(entry, "image", "inspect", top, step, fallback)
     with middle:
-        pixel = threshold_slider(entry, "pixel", "inspect", top, step, image)
+        pixel = pixel_control(entry, "inspect", top, step, image)
     opacity = right.slider(
-        "Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key="inspect_opacity"
+        "Heatmap opacity",
+        0.0,
+        1.0,
+        0.5,
+        0.05,
+        key="inspect_opacity",
+        persist_state=PERSIST,
     )
     save_buttons(entry, to_save(entry, image, pixel), "inspect")
     return image, pixel, opacity
 
 
-def _label(scored: Scored, found: list[str], index: int) -> str:
-    return (
-        f"{found[index].upper()} · {scored.names[index]} · "
-        f"{raw(float(scored.scores[index]))}"
-    )
+def _label(scored: Scored, index: int) -> str:
+    # No verdict here: the options' labels do not refresh when a threshold
+    # moves, so they hold only what never changes.
+    return f"{index + 1}. {scored.names[index]} · {raw(float(scored.scores[index]))}"
 
 
 def _step(delta: int, count: int) -> None:
@@ -126,7 +133,7 @@ def _navigator(scored: Scored, found: list[str]) -> int:
         "Image",
         range(count),
         key=state.INSPECT_SELECTED,
-        format_func=lambda i: _label(scored, found, i),
+        format_func=lambda i: _label(scored, i),
         label_visibility="collapsed",
     )
     forward.button(
@@ -167,7 +174,11 @@ def _show(
     st.plotly_chart(
         figure,
         width="stretch",
-        config={"displaylogo": False, "scrollZoom": True},
+        config={
+            "displaylogo": False,
+            "scrollZoom": True,
+            "modeBarButtonsToRemove": ["zoomIn2d", "zoomOut2d", "autoScale2d"],
+        },
     )
     above = float((full_map >= pixel_threshold).mean())
     st.caption(

@@ -1,5 +1,7 @@
 """Models page: the saved models, and loading, renaming, deleting, up and down."""
 
+from datetime import datetime
+
 import pandas as pd
 import streamlit as st
 
@@ -59,8 +61,16 @@ def _facts(entry: ModelEntry) -> dict:
         "images": entry.n_images,
         "image threshold": raw(thresholds.image),
         "pixel threshold": raw(thresholds.pixel),
-        "created": entry.created.replace("T", " ")[:16],
+        "created": _local_time(entry.created),
     }
+
+
+def _local_time(iso: str) -> str:
+    """An ISO 8601 time in this machine's time zone, to the minute."""
+    try:
+        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return iso
 
 
 def _actions(entries: list[ModelEntry], active: ModelEntry | None, root) -> None:

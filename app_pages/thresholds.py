@@ -9,7 +9,9 @@ import streamlit as st
 from app_ui import state
 from app_ui.figures import histogram_figure, pr_figure, roc_figure
 from app_ui.scoring import Scale, Scored, maps_from_distances, score_items, verdicts
+from app_ui.state import PERSIST
 from app_ui.thresholding import (
+    pixel_control,
     save_buttons,
     set_threshold,
     slider_range,
@@ -124,6 +126,7 @@ def _percentile_suggestion(good: np.ndarray) -> tuple[float, str]:
         metrics.DEFAULT_PERCENTILE,
         0.5,
         key=f"{PAGE}_percentile",
+        persist_state=PERSIST,
         help="About (100 - percentile) % of good parts will score at or above it.",
     )
     suggested = metrics.percentile_threshold(good, percentile)
@@ -241,15 +244,8 @@ def _pixel_without_masks(entry: ModelEntry, scored: Scored, image: float) -> flo
         "something. Judge it by eye on the Inspect page, or add masks here."
     )
     working = state.working_thresholds(entry)
-    follow = st.toggle(
-        "Pixel threshold = image threshold",
-        working.pixel is None or working.pixel == working.image,
-        key=f"{PAGE}_follow_{state.model_key(entry)}",
-    )
-    if follow:
-        return image
     top, step = slider_range(scored.scores.max(), working.pixel, image)
-    return threshold_slider(entry, "pixel", PAGE, top, step, image)
+    return pixel_control(entry, PAGE, top, step, image)
 
 
 def _score_table(scored: Scored, labels: np.ndarray, scale: Scale) -> None:

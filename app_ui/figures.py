@@ -27,6 +27,11 @@ NORMALIZED_TICKS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # Height of one picture panel at a square aspect, in CSS pixels.
 PANEL_HEIGHT = 320
 
+# Pictures this much wider than tall are stacked, not put side by side, so
+# that each keeps a useful size; stacked, a panel is about this wide.
+STACK_ASPECT = 1.6
+STACKED_WIDTH = 900
+
 GOOD_COLOUR = "#2e7d32"
 DEFECT_COLOUR = "#c62828"
 THRESHOLD_COLOUR = "#f9a825"
@@ -145,22 +150,24 @@ def inspection_figure(
     outlined = shown
     if pixel_threshold is not None:
         outlined = visualize.draw_outline(shown, full_map >= pixel_threshold)
+    stacked = shown.width >= STACK_ASPECT * shown.height
     fig = make_subplots(
-        rows=1,
-        cols=3,
+        rows=3 if stacked else 1,
+        cols=1 if stacked else 3,
         subplot_titles=("Original", "Heatmap (hover a patch)", "Outline"),
         horizontal_spacing=0.015,
+        vertical_spacing=0.06,
     )
-    for col, picture in ((1, shown), (2, shown), (3, outlined)):
+    for k, picture in enumerate((shown, shown, outlined), start=1):
         trace = go.Image(source=data_uri(picture), x0=0.5, y0=0.5, hoverinfo="skip")
-        fig.add_trace(trace, row=1, col=col)
+        fig.add_trace(trace, row=k if stacked else 1, col=1 if stacked else k)
     heat = _heatmap(distances, full_map, scale, shown.size, opacity)
-    fig.add_trace(heat, row=1, col=2)
-    _image_axes(fig, shown.size)
+    fig.add_trace(heat, row=2 if stacked else 1, col=1 if stacked else 2)
+    _image_axes(fig, shown.size, stacked)
     return fig
 
 
-def _image_axes(fig: go.Figure, size: tuple[int, int]) -> None:
+def _image_axes(fig: go.Figure, size: tuple[int, int], stacked: bool) -> None:
     width, height = size
     fig.update_xaxes(range=[0, width], visible=False, matches="x", constrain="domain")
     fig.update_yaxes(
@@ -170,8 +177,12 @@ def _image_axes(fig: go.Figure, size: tuple[int, int]) -> None:
         scaleanchor="x",
         constrain="domain",
     )
+    if stacked:
+        panels = 3 * np.clip(STACKED_WIDTH * height / width, 120, 400) + 60
+    else:
+        panels = np.clip(PANEL_HEIGHT * height / width, 160, 720)
     fig.update_layout(
-        height=int(np.clip(PANEL_HEIGHT * height / width, 160, 720)) + 130,
+        height=int(panels) + 130,
         margin={"l": 0, "r": 0, "t": 30, "b": 100},
         dragmode="zoom",
     )

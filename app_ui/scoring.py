@@ -22,7 +22,7 @@ from padim_core import anomaly_map, metrics
 from padim_core.images import Skipped
 from padim_core.model import Padim, Thresholds
 from padim_core.model_file import load_model
-from padim_core.workspace import ModelEntry, weights_missing
+from padim_core.workspace import MIN_SPAN_FRACTION, ModelEntry, weights_missing
 
 # Images per cached chunk: small enough for a lively progress bar, large
 # enough to batch the network well on a CPU.
@@ -188,12 +188,14 @@ def scale_of(thresholds: Thresholds, scores: np.ndarray | None = None) -> Scale 
             return None
         threshold = float(np.median(scores))
     low = thresholds.score_min
-    high = thresholds.score_max
     if low is None:
         low = float(np.min(scores)) if scores is not None and len(scores) else 0.0
-    if high is None:
-        high = threshold + (threshold - low)
-    low, high = min(low, threshold), max(high, threshold)
+    high = thresholds.score_max
+    span = max(threshold - low, MIN_SPAN_FRACTION * abs(threshold), 1e-6)
+    if low >= threshold:  # a threshold moved below the saved range
+        low = threshold - span
+    if high is None or high <= threshold:  # or above it
+        high = threshold + span
     return Scale(low, threshold, high)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 import streamlit as st
 from streamlit.runtime.uploaded_file_manager import UploadedFile
 
+from app_ui.state import PERSIST
 from padim_core.archives import ArchiveError, unpack_zip
 from padim_core.images import IMAGE_EXTENSIONS, Skipped
 
@@ -150,6 +151,7 @@ def pick_images(
         choices,
         horizontal=True,
         key=f"{key}_source",
+        persist_state=PERSIST,
         captions=[demo_label] * (demo_paths is not None) + ["", ""],
     )
     if choice == DEMO:

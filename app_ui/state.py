@@ -18,6 +18,9 @@ from padim_core import workspace
 from padim_core.model import Thresholds
 from padim_core.workspace import ModelEntry
 
+# Widgets that keep their value while the user visits other pages.
+PERSIST = "session"
+
 # Compute device chosen in the sidebar.
 DEVICE = "device"
 # Thresholds being tried out, per model fingerprint, before they are saved.

@@ -15,6 +15,7 @@ import streamlit as st
 
 from app_ui import state
 from app_ui.scoring import Scale, scale_of
+from app_ui.state import PERSIST
 from app_ui.widgets import flash, raw
 from padim_core.model import Thresholds
 from padim_core.workspace import ModelEntry, save_thresholds
@@ -24,6 +25,14 @@ HEADROOM = 1.25
 
 # Slider steps per full range.
 STEPS = 1000
+
+# How a change of each saved value is named to the user.
+CHANGE_LABELS = (
+    ("image threshold", "image"),
+    ("pixel threshold", "pixel"),
+    ("normalising range", "score_min"),
+    ("normalising range", "score_max"),
+)
 
 LABELS = {"image": "Image threshold", "pixel": "Pixel threshold"}
 HELP = {
@@ -81,6 +90,30 @@ def threshold_slider(
     )
 
 
+def pixel_control(
+    entry: ModelEntry, page: str, top: float, step: float, image: float
+) -> float:
+    """The pixel threshold: tied to the image threshold, or a slider of its own.
+
+    Tied, a part fails exactly when its outline encloses something, which is
+    the natural default when there are no masks to tune it on.
+    """
+    working = state.working_thresholds(entry)
+    tied = st.toggle(
+        "Pixel threshold = image threshold",
+        working.pixel is None or working.pixel == working.image,
+        key=f"{page}_tie_{state.model_key(entry)}",
+        persist_state=PERSIST,
+        help="Off: set the pixel threshold (the outline) on its own.",
+    )
+    if not tied:
+        return threshold_slider(entry, "pixel", page, top, step, image)
+    if working.pixel != image:
+        state.set_working_thresholds(entry, pixel=image)
+    st.session_state.pop(f"{page}_pixel_{state.model_key(entry)}", None)
+    return image
+
+
 def _remember(entry: ModelEntry, which: str, key: str) -> None:
     state.set_working_thresholds(entry, **{which: float(st.session_state[key])})
 
@@ -128,9 +161,15 @@ def save_buttons(entry: ModelEntry, thresholds: Thresholds, page: str) -> None:
         for which in ("image", "pixel"):
             st.session_state.pop(f"{page}_{which}_{state.model_key(entry)}", None)
         st.rerun()
+    differs = [
+        label
+        for label, field in CHANGE_LABELS
+        if getattr(thresholds, field) != getattr(saved, field)
+    ]
+    unsaved = f" **Not saved yet: {', '.join(dict.fromkeys(differs))}.**"
     note.caption(
         f"Saved in the model: image {raw(saved.image)}, pixel {raw(saved.pixel)}."
-        + (" **Unsaved changes.**" if changed else "")
+        + (unsaved if differs else "")
     )
 
 

@@ -17,6 +17,7 @@ import streamlit as st
 from PIL import Image
 
 from app_ui.sources import DEMO, FOLDER, Item, demo_items, upload_items, uploader
+from app_ui.state import PERSIST
 from padim_core import demo
 from padim_core.images import ImageError, Skipped, read_image
 
@@ -50,6 +51,7 @@ def pick_validation(key: str) -> Validation:
         [DEMO, SEPARATE, MVTEC],
         horizontal=True,
         key=f"{key}_source",
+        persist_state=PERSIST,
         captions=[
             (
                 f"{demo.N_VALIDATION_GOOD} good and {demo.N_VALIDATION_DEFECTIVE} "
@@ -83,7 +85,11 @@ def _separate(key: str) -> Validation:
 
 
 def _mvtec(key: str) -> Validation:
-    folder = st.toggle("Upload a folder instead of files or a zip", key=f"{key}_folder")
+    folder = st.toggle(
+        "Upload a folder instead of files or a zip",
+        key=f"{key}_folder",
+        persist_state=PERSIST,
+    )
     files = uploader(
         "Labelled images",
         f"{key}_mvtec_{FOLDER if folder else 'files'}",

@@ -102,6 +102,12 @@ def require_model(entry: ModelEntry | None) -> ModelEntry:
             MODELS_PAGE, label="Upload a model", icon=":material/upload:"
         )
         st.stop()
+    if entry.error is not None:
+        st.error(f"The active model cannot be used: {entry.error}")
+        st.page_link(
+            MODELS_PAGE, label="Choose another model", icon=":material/inventory_2:"
+        )
+        st.stop()
     st.caption(f"Model **{entry.name}** · {model_summary(entry)}")
     return entry
 

@@ -65,3 +65,11 @@ def test_uploads_with_a_bad_file_are_inspected_and_the_bad_one_named(fitted):
     assert_clean(at)
     assert "**2 images**" in texts(at.markdown)
     assert "could not be used" in texts(at.warning)
+
+
+def test_a_damaged_active_model_is_reported_not_raised(fitted):
+    fitted.path.write_bytes(b"\0" * 100)
+    at = open_page("inspect")
+
+    assert not at.exception
+    assert "cannot be used" in texts(at.error)
