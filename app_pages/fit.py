@@ -13,7 +13,7 @@ from app_ui.fitting import (
     split_holdout,
     start_fit,
 )
-from app_ui.sources import Item, pick_images
+from app_ui.sources import Item, is_demo, pick_images
 from app_ui.state import PERSIST
 from app_ui.widgets import (
     INSPECT_PAGE,
@@ -78,9 +78,7 @@ def fit_page() -> None:
     else:
         request = _new_form(items, root, busy)
     if request is not None:
-        request.source = (
-            "demo" if items and items[0].key.startswith("demo:") else "upload"
-        )
+        request.source = "demo" if is_demo(items) else "upload"
         st.session_state[state.FIT_JOB] = start_fit(request).id
         st.session_state.pop(NAME_KEY, None)
         st.rerun()
@@ -94,14 +92,19 @@ def _progress(job_id: int) -> None:
     label = f"{job.phase} ({job.request.name})"
     text = time_left_text(label, job.done, job.total, job.elapsed)
     st.progress(min(job.done / max(job.total, 1), 1.0), text=text)
-    st.caption(
+    note, stop = st.columns([4, 1], vertical_alignment="center")
+    note.caption(
         "You can use the other pages meanwhile; the model appears in the "
         "workspace when the fit ends."
     )
+    if stop.button("Cancel", icon=":material/stop:", key="fit_cancel"):
+        job.cancelled = True
 
 
 def _outcome(job: FitJob) -> None:
-    if job.error is not None:
+    if job.cancelled and job.path is None:
+        st.info(f"The fit of {job.request.name!r} was cancelled; nothing was saved.")
+    elif job.error is not None:
         st.error(
             f"The fit of {job.request.name!r} failed: {job.error}. Nothing was saved."
         )
@@ -282,8 +285,7 @@ def _estimate(items: list[Item], config: dict, hold_out: bool) -> None:
 
 
 def _default_name(items: list[Item], root) -> str:
-    demo_set = bool(items) and items[0].key.startswith("demo:")
-    base = "solar-cells" if demo_set else f"model-{date.today().isoformat()}"
+    base = "solar-cells" if is_demo(items) else f"model-{date.today().isoformat()}"
     return workspace.unique_name(base, root)
 
 

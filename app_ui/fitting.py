@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 HOLDOUT_FRACTION = 0.1
 MIN_IMAGES_FOR_HOLDOUT = 5
 
+# Finished fits remembered, so a page can still say how each one ended.
+KEPT_JOBS = 20
+
 _ids = itertools.count(1)
 
 
@@ -77,6 +80,7 @@ class FitJob:
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     path: Path | None = None
+    cancelled: bool = False
 
     @property
     def running(self) -> bool:
@@ -107,6 +111,7 @@ def running_jobs() -> list[FitJob]:
 
 def start_fit(request: FitRequest) -> FitJob:
     """Start fitting on a background thread and return the job at once."""
+    _forget_old_jobs()
     job = FitJob(request, total=len(request.items))
     _registry()[job.id] = job
     thread = threading.Thread(
@@ -134,6 +139,8 @@ def _run(job: FitJob) -> None:
                 _extend(job)
             else:
                 _fit_new(job)
+    except FitCancelled:
+        job.error = "cancelled"
     except (ImageError, ModelFileError, WeightsUnavailableError) as error:
         job.error = str(error)
     except (ValueError, RuntimeError, OSError) as error:
@@ -143,11 +150,26 @@ def _run(job: FitJob) -> None:
         job.error = f"unexpected {type(error).__name__}: {error}"
         logger.exception("fit %d failed", job.id)
     finally:
+        job.request.items = []  # let go of the uploads' bytes
         job.finished = time.perf_counter()
+
+
+def _forget_old_jobs() -> None:
+    """Keep only the last :data:`KEPT_JOBS` finished fits in the registry."""
+    registry = _registry()
+    finished = sorted(job.id for job in registry.values() if not job.running)
+    for job_id in finished[:-KEPT_JOBS]:
+        registry.pop(job_id, None)
+
+
+class FitCancelled(Exception):
+    """The user cancelled the fit."""
 
 
 def _progress(job: FitJob, offset: int = 0):
     def report(done: int, total: int) -> None:
+        if job.cancelled:
+            raise FitCancelled
         job.done = offset + done
 
     return report

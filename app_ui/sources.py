@@ -63,9 +63,17 @@ class Item:
         return self.name, self.source()
 
 
+DEMO_KEY_PREFIX = "demo:"
+
+
 def demo_items(paths: Sequence[Path]) -> list[Item]:
     """Items of demo image files."""
-    return [Item(path.name, f"demo:{path}", path=path) for path in paths]
+    return [Item(path.name, f"{DEMO_KEY_PREFIX}{path}", path=path) for path in paths]
+
+
+def is_demo(items: Sequence[Item]) -> bool:
+    """Whether the items are demo images."""
+    return bool(items) and all(item.key.startswith(DEMO_KEY_PREFIX) for item in items)
 
 
 @st.cache_resource(max_entries=32, show_spinner=False)
