@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--no-pretrained", action="store_true", help="random weights")
     fit.add_argument("--weights", type=Path, help="local backbone weights file")
     fit.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    _add_engine_options(fit)
 
     predict = commands.add_parser("predict", help="score images with a model")
     predict.add_argument("--model", required=True, type=Path)
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threshold", type=float, help="override the image threshold")
     predict.add_argument("--weights", type=Path, help="local backbone weights file")
     predict.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    _add_engine_options(predict)
     predict.add_argument("paths", nargs="+", type=Path, help="image files or folders")
 
     evaluate = commands.add_parser("evaluate", help="metrics on an MVTec-layout set")
@@ -97,6 +99,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--weights", type=Path, help="local backbone weights file")
     evaluate.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     return parser
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="run in this process, or on Ray (needs requirements-ray.txt)",
+    )
+    parser.add_argument(
+        "--address",
+        help="Ray cluster to join (HOST:PORT of its head); default: a local one",
+    )
+
+
+def _ray_engine(args: argparse.Namespace):
+    """The Ray engine module for ``--engine ray``, None for ``local``."""
+    if args.engine == "local":
+        if args.address is not None:
+            raise UsageError("--address needs --engine ray")
+        return None
+    try:
+        from padim_core import distributed
+    except ImportError as error:
+        raise UsageError(str(error)) from None
+    return distributed
 
 
 def _progress(quiet: bool, label: str):
@@ -130,6 +158,7 @@ def _check_batch_size(batch_size: int) -> None:
 def run_fit(args: argparse.Namespace) -> int:
     """Fit on every image under ``--train`` and write the model file."""
     _check_batch_size(args.batch_size)
+    ray_engine = _ray_engine(args)
     if not args.train.is_dir():
         raise UsageError(f"--train {args.train}: not a folder")
     if args.out.is_dir():
@@ -146,7 +175,11 @@ def run_fit(args: argparse.Namespace) -> int:
         seed=args.seed,
         weights=args.weights,
     )
-    report = padim.fit(paths, args.batch_size, _progress(args.quiet, "fit"))
+    progress = _progress(args.quiet, "fit")
+    if ray_engine is None:
+        report = padim.fit(paths, args.batch_size, progress)
+    else:
+        report = ray_engine.fit(padim, paths, args.batch_size, progress, args.address)
     _report_skipped(skipped + report.skipped)
     padim.metadata["train_dir"] = str(args.train)
     save_model(padim, args.out)
@@ -167,6 +200,7 @@ def _verdict(score: float, threshold: float | None) -> str:
 def run_predict(args: argparse.Namespace) -> int:
     """Score images; print or write ``path,score,verdict``; draw overlays."""
     _check_batch_size(args.batch_size)
+    ray_engine = _ray_engine(args)
     padim = load_model(args.model, weights=args.weights)
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise UsageError(f"--threshold must be a finite number, got {args.threshold}")
@@ -177,9 +211,13 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UsageError("no image files among the paths given")
     rows, grids = [], []
     progress = _progress(args.quiet, "predict")
-    for prediction, batch_skipped, batch in padim.predict_batches(
-        paths, args.batch_size
-    ):
+    if ray_engine is None:
+        batches = padim.predict_batches(paths, args.batch_size)
+    else:
+        batches = ray_engine.predict_batches(
+            padim, paths, args.batch_size, args.address
+        )
+    for prediction, batch_skipped, batch in batches:
         skipped.extend(batch_skipped)
         progress(batch.done, batch.total)
         if prediction is None:
