@@ -193,6 +193,7 @@ def _join_cluster(address: str) -> None:
         ray.init(
             address=address,
             logging_level=logging.WARNING,
+            log_to_driver=False,  # standard output is the CSV's; logs stay on the nodes
             runtime_env={"py_modules": [package]},
         )
     except ConnectionError as error:  # a refused token comes as the cause
