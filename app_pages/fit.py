@@ -108,6 +108,11 @@ def _outcome(job: FitJob) -> None:
         st.error(
             f"The fit of {job.request.name!r} failed: {job.error}. Nothing was saved."
         )
+    elif job.request.extend is not None:
+        st.success(
+            f"Added {job.n_images:,} images to **{job.path.stem}** in "
+            f"{duration(job.elapsed)}. It is now the active model."
+        )
     else:
         st.success(
             f"Model **{job.path.stem}** saved: {job.n_images:,} images in "
@@ -119,8 +124,11 @@ def _outcome(job: FitJob) -> None:
                 "percentile of their scores is the first image threshold. Tune it on "
                 "the Thresholds page with good and defective images."
             )
+    if job.error is None:
         for note in job.notes:
-            st.warning(note)
+            st.info(note)
+        for warning in job.warnings:
+            st.warning(warning)
         st.page_link(INSPECT_PAGE, label="Inspect images", icon=":material/search:")
     report_skipped(job.skipped)
 

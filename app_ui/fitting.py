@@ -79,6 +79,7 @@ class FitJob:
     held_out: int = 0
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     path: Path | None = None
     cancelled: bool = False
 
@@ -213,7 +214,9 @@ def _set_thresholds(job: FitJob, padim: Padim, held: list[Item], offset: int) ->
     job.skipped.extend(skipped)
     job.done = offset + len(held)
     if prediction is None:
-        job.notes.append("No held-out image could be scored, so no threshold is set.")
+        job.warnings.append(
+            "No held-out image could be scored, so no threshold is set."
+        )
         return
     job.held_out = len(prediction.names)
     padim.thresholds = workspace.thresholds_from_good(prediction.scores.numpy())
@@ -243,7 +246,7 @@ def _extend(job: FitJob) -> None:
 def _save(job: FitJob, padim: Padim, path: Path) -> None:
     job.phase = "Saving"
     if padim.n_images <= padim.config.n_features:
-        job.notes.append(
+        job.warnings.append(
             f"Fitted on {padim.n_images:,} images for {padim.config.n_features} "
             "channels: the covariances rest mostly on the ridge. Add more good "
             "images for reliable scores."
