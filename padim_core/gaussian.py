@@ -4,13 +4,25 @@ The fit keeps, for P positions and C channels, a count, a reference point
 ``shift`` (P, C), the sum of deviations from it (P, C) and the sum of their
 outer products (P, C, C). These are plain sums, so batches, workers or days of
 images merge exactly, and memory does not grow with the number of images.
+
+The scatter is by far the largest tensor (5 GB for wide_resnet50_2 with 550
+channels at 256x256). Large statistics therefore lend its memory to the fitted
+:class:`Gaussian`: the Cholesky factors of the covariances go into the lower
+triangle, while the upper triangle and a saved copy of the diagonal keep the
+scatter recoverable for saving or further fitting. Every computation reads
+the scatter's upper triangle only, so recovering it changes no result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -21,15 +33,60 @@ logger = logging.getLogger(__name__)
 # even when a channel never varies or there are fewer images than channels.
 COVARIANCE_RIDGE = 0.01
 
-# Positions inverted at once; bounds the float64 working copy during inversion.
-INVERSION_CHUNK = 256
+# Float64 working memory per step of the factorisation; keeps temporaries a
+# small fraction of the statistics, whatever the number of channels, and
+# gives each worker thread many steps to share.
+CHUNK_BYTES = 16 * 2**20
+
+# Deviations of up to channels / PENDING_DIVISOR images wait to be added to
+# the scatter in one pass: a pass over (P, C, C) costs the same for 16 images
+# as for 64, and the wait takes 1 / PENDING_DIVISOR of the scatter's memory.
+PENDING_DIVISOR = 8
+
+# Scatters larger than this lend their memory to the Gaussian rather than
+# allocating a second (P, C, C) tensor; smaller ones keep an explicit inverse,
+# which scores a single image faster than a triangular solve does.
+LEND_SCATTER_BYTES = 2**30
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """Whether ``tensor`` holds no NaN or infinity, checked a slice at a time.
+
+    ``torch.isfinite`` on the whole tensor would allocate temporaries as large
+    as the tensor itself, 5 GB for a wide_resnet50_2 scatter.
+    """
+    if tensor.numel() == 0:
+        return True
+    rows = tensor.flatten(1) if tensor.ndim > 1 else tensor.reshape(-1)
+    step = max(1, CHUNK_BYTES // rows[0].nbytes)
+    return all(
+        bool(torch.isfinite(rows[i : i + step]).all())
+        for i in range(0, rows.shape[0], step)
+    )
+
+
+def _map_in_workers(
+    function: Callable[[slice], object], chunks: Iterable[slice]
+) -> list:
+    """Apply ``function`` to each chunk in worker threads, one per torch thread.
+
+    Each worker runs single-threaded (torch's thread count is per thread).
+    Threaded LAPACK synchronises its threads for every small matrix, which on
+    a busy machine costs up to 100x; whole chunks per thread never wait.
+    """
+    workers = torch.get_num_threads()
+    if workers == 1:
+        return [function(chunk) for chunk in chunks]
+    with ThreadPoolExecutor(
+        workers, "linalg", initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
+        return list(pool.map(function, chunks))
 
 
 class FewImagesWarning(UserWarning):
     """The Gaussian was fitted on too few images to be reliable."""
 
 
-@dataclass
 class RunningGaussian:
     """Streamed sufficient statistics of one Gaussian per position.
 
@@ -37,13 +94,25 @@ class RunningGaussian:
         count: Number of images seen.
         shift: Reference point the sums are taken about, shape (P, C).
         sum: Sum of ``x - shift`` over images, shape (P, C).
-        scatter: Sum of ``(x - shift)(x - shift)^T``, shape (P, C, C).
+        scatter: Sum of ``(x - shift)(x - shift)^T``, shape (P, C, C), of
+            which only the upper triangle is read. Reading it takes back
+            memory lent by :meth:`to_gaussian`, which mirrors the upper
+            triangle into the lower one and leaves that Gaussian unusable.
     """
 
-    count: int
-    shift: Tensor
-    sum: Tensor
-    scatter: Tensor
+    def __init__(self, count: int, shift: Tensor, sum: Tensor, scatter: Tensor) -> None:
+        self.count = count
+        self.shift = shift
+        self.sum = sum
+        self._scatter = scatter
+        # While lent: the scatter's own diagonal, and the Gaussian using it.
+        self._diagonal: Tensor | None = None
+        self._borrower: Gaussian | None = None
+        self._lock = threading.RLock()
+        # Deviations (P, capacity, C) already in count and sum, not yet in
+        # the scatter; the first ``_waiting`` images of the buffer are used.
+        self._pending: Tensor | None = None
+        self._waiting = 0
 
     @classmethod
     def empty(cls, positions: int, channels: int) -> RunningGaussian:
@@ -55,6 +124,38 @@ class RunningGaussian:
             scatter=torch.zeros(positions, channels, channels),
         )
 
+    def __getstate__(self) -> dict:
+        self._settle()
+        state = dict(self.__dict__, _pending=None)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return (
+            f"RunningGaussian(count={self.count}, positions={self.positions}, "
+            f"channels={self.channels}, lent={self.lent})"
+        )
+
+    @property
+    def scatter(self) -> Tensor:
+        """Sum of outer products (P, C, C), complete and taken back if lent."""
+        self._settle()
+        return self._scatter
+
+    @scatter.setter
+    def scatter(self, value: Tensor) -> None:
+        self._settle()
+        self._scatter = value
+
+    @property
+    def lent(self) -> bool:
+        """Whether the scatter's lower triangle holds a Gaussian's factors."""
+        return self._diagonal is not None
+
     @property
     def positions(self) -> int:
         """Number of patch positions P."""
@@ -64,6 +165,13 @@ class RunningGaussian:
     def channels(self) -> int:
         """Number of channels C."""
         return self.shift.shape[1]
+
+    def scatter_diagonal(self) -> Tensor:
+        """Diagonal of the scatter, shape (P, C), without taking back a loan."""
+        if self._diagonal is not None:
+            return self._diagonal
+        self._flush()
+        return self._scatter.diagonal(dim1=1, dim2=2)
 
     def update(self, embedding: Tensor) -> None:
         """Add a batch of embeddings of shape (N, C, h, w), with P = h * w."""
@@ -80,8 +188,38 @@ class RunningGaussian:
             self.shift = x.mean(dim=1)
         deviation = x - self.shift.unsqueeze(1)
         self.sum += deviation.sum(dim=1)
-        self.scatter.baddbmm_(deviation.transpose(1, 2), deviation)
         self.count += n
+        self._take_back()
+        self._add_outer_products(deviation)
+
+    def _add_outer_products(self, deviation: Tensor) -> None:
+        """Add deviations (P, N, C) to the scatter, or to those waiting for it."""
+        n = deviation.shape[1]
+        capacity = self.channels // PENDING_DIVISOR
+        if self._waiting + n > capacity:
+            self._flush()
+        if n > capacity:
+            deviation = deviation.contiguous()
+            self._scatter.baddbmm_(deviation.mT, deviation)
+            return
+        if self._pending is None:
+            self._pending = self._scatter.new_empty(
+                self.positions, capacity, self.channels
+            )
+        self._pending[:, self._waiting : self._waiting + n] = deviation
+        self._waiting += n
+
+    def _flush(self) -> None:
+        """Add the waiting deviations to the scatter in one pass."""
+        if self._waiting:
+            waiting = self._pending[:, : self._waiting]
+            self._scatter.baddbmm_(waiting.mT, waiting)
+            self._waiting = 0
+
+    def _settle(self) -> None:
+        """Make ``_scatter`` the complete scatter: no loan, nothing waiting."""
+        self._take_back()
+        self._flush()
 
     def merge(self, other: RunningGaussian) -> None:
         """Add the statistics of ``other`` (disjoint images) to these, in place."""
@@ -98,12 +236,11 @@ class RunningGaussian:
             return
         # Re-express the other's sums about this shift: x - a = (x - b) + (b - a).
         offset = other.shift - self.shift
-        self.scatter += other.scatter
-        self.scatter.baddbmm_(offset.unsqueeze(2), other.sum.unsqueeze(1))
-        self.scatter.baddbmm_(other.sum.unsqueeze(2), offset.unsqueeze(1))
-        self.scatter.baddbmm_(
-            offset.unsqueeze(2), offset.unsqueeze(1), alpha=other.count
-        )
+        scatter = self.scatter
+        scatter += other.scatter
+        scatter.baddbmm_(offset.unsqueeze(2), other.sum.unsqueeze(1))
+        scatter.baddbmm_(other.sum.unsqueeze(2), offset.unsqueeze(1))
+        scatter.baddbmm_(offset.unsqueeze(2), offset.unsqueeze(1), alpha=other.count)
         self.sum += other.sum + other.count * offset
         self.count += other.count
 
@@ -111,6 +248,7 @@ class RunningGaussian:
         """Move the reference point to the mean, in place (sum becomes 0)."""
         if self.count == 0:
             return
+        self._settle()
         mean_offset = self.sum / self.count
         self.scatter.baddbmm_(
             self.sum.unsqueeze(2), self.sum.unsqueeze(1), alpha=-1.0 / self.count
@@ -132,48 +270,156 @@ class RunningGaussian:
         """
         if self.count == 0:
             raise ValueError("no images have been added")
-        scatter = self.scatter[positions].to(torch.float64)
-        total = self.sum[positions].to(torch.float64)
-        scatter = scatter - total.unsqueeze(2) * total.unsqueeze(1) / self.count
-        covariance = scatter / max(self.count - 1, 1)
-        eye = torch.eye(self.channels, dtype=torch.float64)
-        return covariance + COVARIANCE_RIDGE * eye
+        self._settle()
+        covariance = self._covariance(positions)
+        return covariance.triu() + covariance.triu(1).mT
 
-    def to_gaussian(self) -> Gaussian:
-        """Invert the covariances, chunk by chunk, into a :class:`Gaussian`."""
+    def _covariance(self, positions: slice) -> Tensor:
+        """Like :meth:`covariance`, but only the upper triangle is right."""
+        covariance = self._scatter[positions].to(torch.float64, copy=True)
+        total = self.sum[positions].to(torch.float64)
+        covariance.baddbmm_(
+            total.unsqueeze(2), total.unsqueeze(1), alpha=-1.0 / self.count
+        )
+        covariance /= max(self.count - 1, 1)
+        covariance.diagonal(dim1=1, dim2=2).add_(COVARIANCE_RIDGE)
+        return covariance
+
+    def _chunks(self) -> Iterator[slice]:
+        """Slices of positions whose float64 covariances fill CHUNK_BYTES."""
+        step = max(1, CHUNK_BYTES // (8 * self.channels**2))
+        for start in range(0, self.positions, step):
+            yield slice(start, start + step)
+
+    def to_gaussian(self, lend: bool | None = None) -> Gaussian:
+        """Factor the covariances, chunk by chunk, into a :class:`Gaussian`.
+
+        Args:
+            lend: Write the Cholesky factors into the scatter's own memory
+                instead of allocating an inverse of the same size. Reading
+                :attr:`scatter` later restores it exactly and leaves the
+                Gaussian unusable. None lends scatters larger than
+                ``LEND_SCATTER_BYTES``.
+        """
+        if self.count == 0:
+            raise ValueError("no images have been added")
+        self._warn_if_few_images()
+        self._settle()
+        self._pending = None
+        if self.sum.any():
+            self.center()  # as saving and loading do; saving then copies nothing
+        if lend is None:
+            lend = self._scatter.nbytes > LEND_SCATTER_BYTES
+        mean = self.mean.to(torch.float32)
+        if lend:
+            return self._lend_factors(mean)
+        inverse = torch.empty_like(self._scatter)
+
+        def invert(chunk: slice) -> None:
+            factor = torch.linalg.cholesky(self._covariance(chunk), upper=True)
+            inverse[chunk] = torch.cholesky_inverse(factor, upper=True)
+
+        _map_in_workers(invert, self._chunks())
+        return Gaussian(mean=mean, inv_covariance=inverse)
+
+    def _lend_factors(self, mean: Tensor) -> Gaussian:
+        buffer = self._scatter
+        lower = torch.ones(
+            self.channels, self.channels, dtype=torch.bool, device=buffer.device
+        ).tril()
+
+        def factor_in_place(chunk: slice) -> None:
+            factor = torch.linalg.cholesky(self._covariance(chunk), upper=True)
+            block = buffer[chunk]
+            block.copy_(torch.where(lower, factor.mT.to(block.dtype), block))
+
+        with self._lock:
+            self._take_back()
+            self._diagonal = buffer.diagonal(dim1=1, dim2=2).clone()
+            try:
+                _map_in_workers(factor_in_place, self._chunks())
+            except BaseException:
+                self._take_back()
+                raise
+            self._borrower = Gaussian(mean=mean, factor=buffer, guard=self._lock)
+            return self._borrower
+
+    def _take_back(self) -> None:
+        """Restore the scatter from its upper triangle and saved diagonal."""
+        if self._diagonal is None:
+            return
+        with self._lock:
+            if self._diagonal is None:
+                return
+            buffer = self._scatter
+            strictly_lower = torch.ones(
+                self.channels, self.channels, dtype=torch.bool, device=buffer.device
+            ).tril(-1)
+
+            def mirror(chunk: slice) -> None:
+                block = buffer[chunk]
+                block.copy_(torch.where(strictly_lower, block.mT, block))
+
+            _map_in_workers(mirror, self._chunks())
+            buffer.diagonal(dim1=1, dim2=2).copy_(self._diagonal)
+            if self._borrower is not None:
+                self._borrower.factor = None
+            self._diagonal = self._borrower = None
+
+    def _warn_if_few_images(self) -> None:
         if self.count < 2:
             warnings.warn(
                 f"fitted on {self.count} image(s): the covariance is the ridge "
                 f"{COVARIANCE_RIDGE} alone; scores are distances to that image",
                 FewImagesWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         elif self.count <= self.channels:
             warnings.warn(
                 f"fitted on {self.count} images for {self.channels} channels: the "
                 "covariance rests on the ridge; add images for reliable scores",
                 FewImagesWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        inverse = torch.empty_like(self.scatter)
-        for start in range(0, self.positions, INVERSION_CHUNK):
-            chunk = slice(start, start + INVERSION_CHUNK)
-            factor = torch.linalg.cholesky(self.covariance(chunk))
-            inverse[chunk] = torch.cholesky_inverse(factor).to(inverse.dtype)
-        return Gaussian(mean=self.mean.to(torch.float32), inv_covariance=inverse)
 
 
 @dataclass
 class Gaussian:
     """The fitted Gaussians used for scoring.
 
+    One of ``inv_covariance`` and ``factor`` is set; neither once the factor's
+    memory went back to the statistics it was lent from.
+
     Attributes:
         mean: Mean embedding per position, shape (P, C), float32.
-        inv_covariance: Inverse covariance per position, shape (P, C, C), float32.
+        inv_covariance: Inverse covariance per position, shape (P, C, C),
+            float32, or None.
+        factor: Lower Cholesky factor ``L`` of each covariance ``L L^T``,
+            shape (P, C, C), float32, or None. Only the lower triangle is
+            read; the upper one may hold other data.
+        guard: Lock of the statistics that lent ``factor``, held while scoring
+            so that the memory is not taken back midway.
     """
 
     mean: Tensor
-    inv_covariance: Tensor
+    inv_covariance: Tensor | None = None
+    factor: Tensor | None = None
+    guard: AbstractContextManager | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "guard": None}
+
+    @property
+    def usable(self) -> bool:
+        """Whether the Gaussian still holds what scoring needs."""
+        return self.inv_covariance is not None or self.factor is not None
+
+    def is_finite(self) -> bool:
+        """Whether the mean and the inverse or factor hold only finite numbers."""
+        matrix = self.inv_covariance if self.inv_covariance is not None else self.factor
+        return all_finite(self.mean) and (matrix is None or all_finite(matrix))
 
     def mahalanobis(self, embedding: Tensor) -> Tensor:
         """Mahalanobis distance of each patch to its position's Gaussian.
@@ -183,6 +429,9 @@ class Gaussian:
 
         Returns:
             Distances of shape (N, h, w), float32, never negative.
+
+        Raises:
+            RuntimeError: If the factor's memory was taken back.
         """
         n, c, h, w = embedding.shape
         if (h * w, c) != tuple(self.mean.shape):
@@ -191,8 +440,33 @@ class Gaussian:
                 f"Gaussian's {self.mean.shape[0]} positions x {self.mean.shape[1]} "
                 "channels"
             )
-        x = embedding.to(torch.float32).reshape(n, c, h * w).permute(2, 0, 1)
-        deviation = x - self.mean.unsqueeze(1)  # (P, N, C)
-        weighted = torch.bmm(deviation, self.inv_covariance)
-        squared = (weighted * deviation).sum(dim=2)  # (P, N)
+        x = embedding.to(torch.float32).reshape(n, c, h * w)
+        if self.inv_covariance is not None:
+            deviation = (x.permute(2, 0, 1) - self.mean.unsqueeze(1)).contiguous()
+            weighted = torch.bmm(deviation, self.inv_covariance)  # (P, N, C)
+            squared = (weighted * deviation).sum(dim=2)
+        else:
+            deviation = (x.permute(2, 1, 0) - self.mean.unsqueeze(2)).contiguous()
+            squared = self._squared_by_factor(deviation)
         return squared.clamp_(min=0).sqrt_().T.reshape(n, h, w)
+
+    def _squared_by_factor(self, deviation: Tensor) -> Tensor:
+        """``|L^-1 d|^2 = d^T (L L^T)^-1 d`` for deviations (P, C, N), as (P, N)."""
+        positions = deviation.shape[0]
+        step = -(-positions // (4 * torch.get_num_threads()))
+        chunks = [slice(i, i + step) for i in range(0, positions, step)]
+        with self.guard or contextlib.nullcontext():
+            factor = self.factor
+            if factor is None:
+                raise RuntimeError(
+                    "the Gaussian's memory went back to its statistics; "
+                    "finalize again to score"
+                )
+
+            def solve(chunk: slice) -> Tensor:
+                solved = torch.linalg.solve_triangular(
+                    factor[chunk], deviation[chunk], upper=False
+                )
+                return solved.square().sum(dim=1)
+
+            return torch.cat(_map_in_workers(solve, chunks))

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from padim_core.backbones import get_spec
-from padim_core.gaussian import RunningGaussian
+from padim_core.gaussian import RunningGaussian, all_finite
 from padim_core.model import Padim, PadimConfig, Thresholds, make_config
 
 logger = logging.getLogger(__name__)
@@ -114,13 +114,15 @@ def _statistics_tensors(padim: Padim) -> dict[str, torch.Tensor]:
     """The tensors to save, centred on the mean, computed without mutation."""
     stats = padim.stats
     mean = stats.shift + stats.sum / stats.count
-    scatter = torch.baddbmm(
-        stats.scatter,
-        stats.sum.unsqueeze(2),
-        stats.sum.unsqueeze(1),
-        alpha=-1.0 / stats.count,
-    )
-    if not (torch.isfinite(mean).all() and torch.isfinite(scatter).all()):
+    scatter = stats.scatter
+    if stats.sum.any():  # a fitted model is centred already: no 5 GB copy
+        scatter = torch.baddbmm(
+            scatter,
+            stats.sum.unsqueeze(2),
+            stats.sum.unsqueeze(1),
+            alpha=-1.0 / stats.count,
+        )
+    if not (all_finite(mean) and all_finite(scatter)):
         raise ValueError("the model's statistics hold NaN or infinity; not saved")
     return {
         "channel_index": padim.model.channel_index.cpu().contiguous(),
@@ -376,7 +378,7 @@ def load_model(
         raise ModelFileError(
             f"{path.name}: the covariances cannot be inverted ({error})"
         ) from error
-    if not torch.isfinite(padim.model.gaussian.inv_covariance).all():
+    if not padim.model.gaussian.is_finite():
         raise ModelFileError(f"{path.name}: the covariances cannot be inverted")
     logger.info("loaded model %s", path)
     return padim
@@ -408,7 +410,7 @@ def _check_tensors(name: str, config: PadimConfig, tensors: dict) -> None:
         raise ModelFileError(f"{name}: statistics must be float32")
     if count.numel() != 1 or int(count[0]) < 1:
         raise ModelFileError(f"{name}: image count must be a positive number")
-    if not (torch.isfinite(mean).all() and torch.isfinite(scatter).all()):
+    if not (all_finite(mean) and all_finite(scatter)):
         raise ModelFileError(f"{name}: statistics hold NaN or infinity")
     if mean.abs().max() > MAX_ABS_MEAN:
         raise ModelFileError(
