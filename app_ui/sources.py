@@ -8,6 +8,7 @@ unpacked once per upload into a temporary folder by
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -76,12 +77,18 @@ def is_demo(items: Sequence[Item]) -> bool:
     return bool(items) and all(item.key.startswith(DEMO_KEY_PREFIX) for item in items)
 
 
+@st.cache_resource
+def _upload_root() -> tempfile.TemporaryDirectory:
+    """A folder for unpacked zips, removed when the server stops."""
+    return tempfile.TemporaryDirectory(prefix="padim-uploads-")
+
+
 @st.cache_resource(max_entries=32, show_spinner=False)
 def _unpacked(
     file_id: str, name: str, _data: bytes
 ) -> tuple[list[Item], list[Skipped]]:
-    """Unpack one uploaded zip, once per upload, into a temporary folder."""
-    folder = Path(tempfile.mkdtemp(prefix="padim-zip-"))
+    """Unpack one uploaded zip, once per upload, into its own folder."""
+    folder = Path(_upload_root().name) / re.sub(r"[^A-Za-z0-9_-]", "_", file_id)
     written, skipped = unpack_zip(_data, folder, name=name)
     items = [
         Item(f"{name}/{one.member}", f"{file_id}/{one.member}", path=one.path)
