@@ -329,6 +329,9 @@ def save_thresholds(path: str | Path, thresholds: Thresholds) -> ModelEntry:
     Raises:
         ModelFileError: If the file is not a usable model file.
     """
+    # TODO: a fit that extends this model at the same moment can overwrite these
+    # thresholds, or they its new images; the last writer wins. A lock file or
+    # a version check on rewrite would let both land.
     path = Path(path)
     read_header(path)
     try:
