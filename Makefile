@@ -6,34 +6,43 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+APP_STAMP := $(VENV)/.installed-app
+DEV_STAMP := $(VENV)/.installed-dev
 PORT ?= 8501
 
-.PHONY: setup run test test-fast bench results lint clean
+.PHONY: setup setup-dev run test test-fast bench results lint clean
 
-setup: $(STAMP)
+# The app needs requirements.txt alone; tests add the dev tools and the
+# optional Ray extra.
+setup: $(APP_STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-ray.txt
-	$(PYTHON) -m venv $(VENV)
+setup-dev: $(DEV_STAMP)
+
+$(APP_STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(DEV_STAMP): $(APP_STAMP) requirements-dev.txt requirements-ray.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt -r requirements-ray.txt
-	touch $(STAMP)
+	touch $@
 
 run: setup
 	$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT)
 
-test: setup
+test: setup-dev
 	$(PY) -m pytest -q
 
-test-fast: setup
+test-fast: setup-dev
 	$(PY) -m pytest -q -m "not e2e and not slow and not ray"
 
-bench: setup
+bench: setup-dev
 	$(PY) bench/benchmark.py --out results/benchmark.md
 
 results: setup
 	$(PY) bench/evaluate_datasets.py --out results/datasets.md
 
-lint: setup
+lint: setup-dev
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
