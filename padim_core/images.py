@@ -231,6 +231,13 @@ def _check_size(name: str, width: int, height: int) -> None:
         )
 
 
+def resize_square(image: Image.Image, image_size: int) -> Image.Image:
+    """``image`` resized bilinearly to ``image_size`` x ``image_size``."""
+    if image.size == (image_size, image_size):
+        return image
+    return image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+
+
 def to_tensor(
     images: Sequence[Image.Image], image_size: int = DEFAULT_IMAGE_SIZE
 ) -> Tensor:
@@ -248,8 +255,7 @@ def to_tensor(
         raise ValueError("no images to convert")
     batch = np.empty((len(images), image_size, image_size, 3), dtype=np.uint8)
     for i, image in enumerate(images):
-        resized = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        batch[i] = np.asarray(resized.convert("RGB"))
+        batch[i] = np.asarray(resize_square(image, image_size).convert("RGB"))
     tensor = torch.from_numpy(batch).permute(0, 3, 1, 2).to(torch.float32) / 255.0
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

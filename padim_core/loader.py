@@ -11,7 +11,13 @@ from pathlib import Path
 from PIL import Image
 from torch import Tensor
 
-from padim_core.images import ImageError, Skipped, read_image, to_tensor
+from padim_core.images import (
+    ImageError,
+    Skipped,
+    read_image,
+    resize_square,
+    to_tensor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +66,9 @@ def _decode(
             logger.info("skipped %s: %s", error.name, error.reason)
             batch.skipped.append(Skipped(error.name, error.reason))
             continue
-        images.append(image)
+        # Keep only the model-sized copy: a batch of large photos would
+        # otherwise hold every full-resolution decode at once.
+        images.append(resize_square(image, image_size))
         batch.names.append(name)
         batch.sizes.append(image.size)
     if images:
