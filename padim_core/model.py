@@ -6,6 +6,7 @@ Detection and Localization", https://arxiv.org/abs/2011.08785
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -19,7 +20,12 @@ from torch import Tensor, nn
 
 from padim_core import anomaly_map
 from padim_core.backbones import build_feature_extractor, check_layers, get_spec
-from padim_core.gaussian import FewImagesWarning, Gaussian, RunningGaussian
+from padim_core.gaussian import (
+    FewImagesWarning,
+    Gaussian,
+    RunningGaussian,
+    all_finite,
+)
 from padim_core.images import DEFAULT_IMAGE_SIZE, Skipped, to_tensor
 from padim_core.loader import Batch, iter_batches
 
@@ -37,6 +43,51 @@ def select_channels(total: int, n_features: int, seed: int) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(total, generator=generator)[:n_features]
     return chosen.sort().values
+
+
+@functools.lru_cache(maxsize=32)
+def nearest_source(size: int, target: int) -> Tensor:
+    """Which of ``size`` cells each of ``target`` cells copies when upsampled.
+
+    Taken from ``F.interpolate(mode="nearest")`` itself, so it matches it.
+    """
+    cells = torch.arange(size, dtype=torch.float32).view(1, 1, size)
+    upsampled = nn.functional.interpolate(cells, size=target, mode="nearest")
+    return upsampled.view(target).long()
+
+
+def _upsample_into(target: Tensor, part: Tensor) -> None:
+    """Write ``part`` (h, w, N, c) into ``target`` (H, W, N, c), nearest cell.
+
+    Whole-number scales, the usual case, become one broadcast copy; others
+    gather rows and columns first.
+    """
+    (h, w), (height, width) = part.shape[:2], target.shape[:2]
+    rows, columns = nearest_source(h, height), nearest_source(w, width)
+    tail = tuple(part.shape[2:])
+    if _is_repeat(rows, h) and _is_repeat(columns, w):
+        shape = (h, height // h, w, width // w, *tail)
+        target.view(shape).copy_(part[:, None, :, None].expand(shape))
+    else:
+        rows, columns = rows.to(part.device), columns.to(part.device)
+        target.copy_(part[rows[:, None], columns])
+
+
+def _is_repeat(source: Tensor, size: int) -> bool:
+    """Whether ``source`` repeats each of ``size`` cells equally often, in order."""
+    factor = len(source) // size
+    steps = torch.arange(len(source)) // max(factor, 1)
+    return len(source) == factor * size and torch.equal(source, steps)
+
+
+def _batch_inner(part: Tensor) -> Tensor:
+    """Features (N, c, h, w) as a new contiguous (h, w, N, c) tensor.
+
+    One 2-D transpose of (N * c, h * w); permuting the four axes instead
+    walks memory with a stride of h * w and is 3-4x slower.
+    """
+    n, c, h, w = part.shape
+    return part.reshape(n * c, h * w).T.contiguous().view(h, w, n, c)
 
 
 @dataclass(frozen=True)
@@ -156,11 +207,15 @@ class PadimModel(nn.Module):
         """Concatenate the chosen channels on the finest grid, (N, C, h, w).
 
         Channels are picked before upsampling, which gives the same result as
-        upsampling every channel first, at a fraction of the cost.
+        upsampling every channel first, at a fraction of the cost. The result
+        is a view of an (h, w, N, C) tensor, the layout the Gaussian reads, so
+        each layer is transposed once, on its own grid, before upsampling.
         """
         spec = get_spec(self.config.backbone)
-        grid = features[self.config.layers[0]].shape[-2:]
-        parts, offset = [], 0
+        first = features[self.config.layers[0]]
+        n, height, width = first.shape[0], first.shape[2], first.shape[3]
+        out = first.new_empty(height, width, n, self.config.n_features)
+        offset, start = 0, 0
         for layer in self.config.layers:
             channels = spec.layers[layer][1]
             index = self.channel_index
@@ -168,11 +223,10 @@ class PadimModel(nn.Module):
             offset += channels
             if local.numel() == 0:
                 continue
-            part = features[layer].index_select(1, local)
-            if part.shape[-2:] != grid:
-                part = nn.functional.interpolate(part, size=grid, mode="nearest")
-            parts.append(part)
-        return torch.cat(parts, dim=1)
+            part = _batch_inner(features[layer].index_select(1, local))
+            _upsample_into(out[:, :, :, start : start + len(local)], part)
+            start += len(local)
+        return out.permute(2, 3, 0, 1)
 
     def patch_distances(self, embedding: Tensor) -> Tensor:
         """Mahalanobis distance per patch, (N, h, w)."""
@@ -275,7 +329,7 @@ class Padim:
         """Embeddings (N, C, h, w) of normalised images (N, 3, H, W)."""
         features = self.model.feature_extractor(images.to(self.device))
         embedding = self.model.generate_embedding(features)
-        if not torch.isfinite(embedding).all():
+        if not all_finite(embedding):
             raise ValueError(
                 "the backbone gave NaN or infinite features; its weights are damaged"
             )

@@ -93,9 +93,17 @@ def _plain_maps(distances: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.stack(maps)
 
 
+@pytest.fixture(params=["whole", "panels"])
+def panels(request, monkeypatch) -> str:
+    """Scatter updates as whole products, or as upper panels for any width."""
+    if request.param == "panels":
+        monkeypatch.setattr(gaussian, "PANEL_MIN_CHANNELS", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("lend", [False, True])
 @pytest.mark.parametrize("batch", [1, 7, 40])
-def test_distances_match_numpy_per_position(lend, batch):
+def test_distances_match_numpy_per_position(lend, batch, panels):
     train, test = _embeddings(40), _embeddings(5, seed=1)
     stats = _fit(train, batch)
     distances = stats.to_gaussian(lend=lend).mahalanobis(test)
@@ -159,7 +167,7 @@ def images() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("lend", [False, True])
-def test_resnet18_padim_matches_plain_padim(images, lend, monkeypatch):
+def test_resnet18_padim_matches_plain_padim(images, lend, panels, monkeypatch):
     if lend:
         monkeypatch.setattr(gaussian, "LEND_SCATTER_BYTES", 0)
     torch.manual_seed(0)
@@ -180,7 +188,7 @@ def test_resnet18_padim_matches_plain_padim(images, lend, monkeypatch):
     np.testing.assert_allclose(scores.numpy(), expected_maps.max(axis=(1, 2)), 1e-4)
 
 
-def test_lent_scatter_comes_back_bit_for_bit_where_it_is_read():
+def test_lent_scatter_comes_back_bit_for_bit_where_it_is_read(panels):
     stats = _fit(_embeddings(25, c=8), 6)
     stats.center()  # as lending does first
     scatter = stats.scatter.clone()
@@ -207,7 +215,7 @@ def _merge_update_and_pickle(embedding: torch.Tensor, lend: bool) -> list:
 
 
 @pytest.mark.filterwarnings("ignore::padim_core.gaussian.FewImagesWarning")
-def test_updating_merging_and_pickling_take_the_loan_back():
+def test_updating_merging_and_pickling_take_the_loan_back(panels):
     embedding = _embeddings(30, c=8)
     plain = _merge_update_and_pickle(embedding, lend=False)
     lent = _merge_update_and_pickle(embedding, lend=True)
@@ -235,7 +243,7 @@ def test_padim_scores_again_after_the_scatter_was_read(images, monkeypatch):
 
 
 @pytest.mark.parametrize("batch", [1, 2, 5, 9])
-def test_deviations_waiting_for_the_scatter_count_everywhere(batch):
+def test_deviations_waiting_for_the_scatter_count_everywhere(batch, panels):
     # 24 channels: up to 3 images wait, so every batch size here takes a
     # different mix of waiting, flushing and direct updates.
     embedding = _embeddings(23, c=24, h=2, w=2)
@@ -251,3 +259,32 @@ def test_deviations_waiting_for_the_scatter_count_everywhere(batch):
             found.covariance(), whole.covariance(), rtol=1e-5, atol=1e-5
         )
         torch.testing.assert_close(found.mean, whole.mean)
+        found.center()  # the scatter itself depends on the reference point
+        whole.center()
+        torch.testing.assert_close(found.scatter, whole.scatter, rtol=1e-4, atol=1e-4)
+        assert torch.equal(found.scatter, found.scatter.mT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("value", [0.0, math.nan, math.inf, -math.inf, 3e38])
+def test_all_finite_agrees_with_isfinite(dtype, value):
+    tensor = torch.randn(4, 5, 6).to(dtype)
+    tensor[2, 3, 1] = value
+    expected = bool(torch.isfinite(tensor).all())
+    assert gaussian.all_finite(tensor) == expected
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
+@pytest.mark.parametrize("size", [64, 100, 45])
+def test_embedding_equals_upsampling_every_channel_first(backbone, size):
+    torch.manual_seed(0)
+    padim = Padim(backbone, pre_trained=False, n_features=30, image_size=size)
+    images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        embedding = padim.model.generate_embedding(
+            padim.model.feature_extractor(images)
+        )
+    assert torch.equal(embedding, _plain_embedding(padim, images))
+    assert torch.equal(
+        gaussian.positions_first(embedding), embedding.flatten(2).permute(2, 0, 1)
+    )
