@@ -9,10 +9,12 @@ from app_ui.scoring import Scale, Scored, scale_of, score_items, verdicts
 from app_ui.sources import Item, pick_images
 from app_ui.state import PERSIST
 from app_ui.widgets import (
+    escape_markdown,
     raw,
     report_skipped,
     require_model,
     show_flash,
+    spreadsheet_safe,
     styled_verdicts,
 )
 from padim_core import demo
@@ -118,12 +120,18 @@ def _table(frame: pd.DataFrame) -> None:
     )
     st.download_button(
         "Download CSV",
-        frame.to_csv(index=False, float_format="%.4f").encode(),
+        results_csv(frame),
         file_name="padim_batch.csv",
         mime="text/csv",
         icon=":material/download:",
     )
     st.caption("Click a column header to sort. The CSV lists the worst first.")
+
+
+def results_csv(frame: pd.DataFrame) -> bytes:
+    """The results as CSV; paths that a spreadsheet would run are kept text."""
+    safe = frame.assign(path=frame["path"].map(spreadsheet_safe))
+    return safe.to_csv(index=False, float_format="%.4f").encode()
 
 
 def _gallery(
@@ -151,13 +159,13 @@ def _gallery(
             try:
                 image = display_image(read_image(item.source(), item.name), 320)
             except ImageError as error:
-                st.warning(str(error))
+                st.warning(escape_markdown(error))
                 continue
             picture = overlay_picture(image, scored.map(i), scale, 0.5, pixel)
             st.image(picture, width="stretch")
             st.caption(
-                f"**{row.verdict.upper()}** · {item.name} · {raw(row.score)} raw · "
-                f"{row.normalised_score:.2f}"
+                f"**{row.verdict.upper()}** · {escape_markdown(item.name)} · "
+                f"{raw(row.score)} raw · {row.normalised_score:.2f}"
             )
 
 

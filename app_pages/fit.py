@@ -1,6 +1,7 @@
 """Fit page: fit PaDiM on images of good parts, or add good images to a model."""
 
 from datetime import date
+from pathlib import PurePosixPath
 
 import streamlit as st
 
@@ -9,6 +10,7 @@ from app_ui.fitting import (
     FitJob,
     FitRequest,
     get_job,
+    names_in_use,
     running_jobs,
     split_holdout,
     start_fit,
@@ -18,9 +20,11 @@ from app_ui.state import PERSIST
 from app_ui.widgets import (
     INSPECT_PAGE,
     duration,
+    escape_markdown,
     raw,
     report_skipped,
     show_flash,
+    show_warnings,
     time_left_text,
 )
 from padim_core import demo, workspace
@@ -34,6 +38,10 @@ IMAGE_SIZES = (128, 160, 192, 224, 256, 320, 384, 448, 512)
 DEFAULT_IMAGE_SIZE = 256
 DEFAULT_BACKBONE = "efficientnet_lite0"
 NAME_KEY = "fit_name"
+# The model name last offered by default; while the field still holds it, the
+# field follows the images chosen.
+OFFERED_NAME_KEY = "fit_name_offered"
+DEMO_MODEL_NAME = "solar-cells"
 
 
 def fit_page() -> None:
@@ -79,7 +87,11 @@ def fit_page() -> None:
         request = _new_form(items, root, busy)
     if request is not None:
         request.source = "demo" if is_demo(items) else "upload"
-        st.session_state[state.FIT_JOB] = start_fit(request).id
+        try:
+            st.session_state[state.FIT_JOB] = start_fit(request).id
+        except ValueError as error:
+            st.error(escape_markdown(error))
+            return
         st.session_state.pop(NAME_KEY, None)
         st.rerun()
 
@@ -89,7 +101,7 @@ def _progress(job_id: int) -> None:
     job = get_job(job_id)
     if job is None or not job.running:
         st.rerun()
-    label = f"{job.phase} ({job.request.name})"
+    label = f"{job.phase} ({escape_markdown(job.request.name)})"
     text = time_left_text(label, job.done, job.total, job.elapsed)
     st.progress(min(job.done / max(job.total, 1), 1.0), text=text)
     note, stop = st.columns([4, 1], vertical_alignment="center")
@@ -102,21 +114,23 @@ def _progress(job_id: int) -> None:
 
 
 def _outcome(job: FitJob) -> None:
+    name = escape_markdown(repr(job.request.name))
     if job.cancelled and job.path is None:
-        st.info(f"The fit of {job.request.name!r} was cancelled; nothing was saved.")
+        st.info(f"The fit of {name} was cancelled; nothing was saved.")
     elif job.error is not None:
         st.error(
-            f"The fit of {job.request.name!r} failed: {job.error}. Nothing was saved."
+            f"The fit of {name} failed: {escape_markdown(job.error)}. Nothing was "
+            "saved."
         )
     elif job.request.extend is not None:
         st.success(
-            f"Added {job.n_images:,} images to **{job.path.stem}** in "
-            f"{duration(job.elapsed)}. It is now the active model."
+            f"Added {job.n_images:,} images to **{escape_markdown(job.path.stem)}** "
+            f"in {duration(job.elapsed)}. It is now the active model."
         )
     else:
         st.success(
-            f"Model **{job.path.stem}** saved: {job.n_images:,} images in "
-            f"{duration(job.elapsed)}. It is now the active model."
+            f"Model **{escape_markdown(job.path.stem)}** saved: {job.n_images:,} "
+            f"images in {duration(job.elapsed)}. It is now the active model."
         )
         if job.held_out:
             st.info(
@@ -126,9 +140,9 @@ def _outcome(job: FitJob) -> None:
             )
     if job.error is None:
         for note in job.notes:
-            st.info(note)
-        for warning in job.warnings:
-            st.warning(warning)
+            st.info(escape_markdown(note))
+    show_warnings(job.warnings)
+    if job.error is None:
         st.page_link(INSPECT_PAGE, label="Inspect images", icon=":material/search:")
     report_skipped(job.skipped)
 
@@ -139,8 +153,8 @@ def _ready_note() -> None:
         return
     note, link = st.columns([3, 1], vertical_alignment="center")
     note.caption(
-        f"The active model **{active.name}** is ready. Fit a new one below, or add "
-        "good images to a model."
+        f"The active model **{escape_markdown(active.name)}** is ready. Fit a new "
+        "one below, or add good images to a model."
     )
     link.page_link(INSPECT_PAGE, label="Inspect images", icon=":material/search:")
 
@@ -149,7 +163,8 @@ def _others_running(own: FitJob | None) -> None:
     for job in running_jobs():
         if own is None or job.id != own.id:
             st.info(
-                f"A fit of {job.request.name!r} started earlier is running "
+                f"A fit of {escape_markdown(repr(job.request.name))} started earlier "
+                "is running "
                 f"({job.done:,} of {job.total:,} images); its model appears in the "
                 "workspace when it ends."
             )
@@ -203,9 +218,8 @@ def _new_form(items: list[Item], root, busy: bool) -> FitRequest | None:
         key="fit_image_size",
         persist_state=PERSIST,
     )
-    name = middle.text_input(
-        "Model name", _default_name(items, root), key=NAME_KEY, persist_state=PERSIST
-    )
+    with middle:
+        name = _name_field(items, root)
     seed, batch_size, hold_out, pre_trained = _more_settings(backbone)
     config = {
         "backbone": backbone,
@@ -265,8 +279,8 @@ def _check_weights(config: dict) -> bool:
     if problem is None:
         return True
     st.warning(
-        f"{problem[0].upper()}{problem[1:]}. Under *More settings*, turn off "
-        "*ImageNet weights* to fit with random weights instead."
+        f"{escape_markdown(problem[0].upper() + problem[1:])}. Under *More "
+        "settings*, turn off *ImageNet weights* to fit with random weights instead."
     )
     return False
 
@@ -292,9 +306,27 @@ def _estimate(items: list[Item], config: dict, hold_out: bool) -> None:
         )
 
 
+def _name_field(items: list[Item], root) -> str:
+    """The model name: it follows the images chosen until the user edits it."""
+    default = _default_name(items, root)
+    offered = st.session_state.get(OFFERED_NAME_KEY)
+    if st.session_state.get(NAME_KEY) in (None, offered):
+        st.session_state[NAME_KEY] = default
+    st.session_state[OFFERED_NAME_KEY] = default
+    return st.text_input("Model name", key=NAME_KEY, persist_state=PERSIST)
+
+
 def _default_name(items: list[Item], root) -> str:
-    base = "solar-cells" if is_demo(items) else f"model-{date.today().isoformat()}"
-    return workspace.unique_name(base, root)
+    """A free model name after the images: the demo, a zip or folder, a date."""
+    base = f"model-{date.today().isoformat()}"
+    tops = {PurePosixPath(item.name).parts[0] for item in items if "/" in item.name}
+    if is_demo(items):
+        base = DEMO_MODEL_NAME
+    elif len(tops) == 1 and all("/" in item.name for item in items):
+        top = tops.pop()
+        top = top[:-4] if top.lower().endswith(".zip") else top
+        base = workspace.safe_name(top, base)
+    return workspace.unique_name(base, root, names_in_use(root))
 
 
 def _new_request(items, root, name, config, batch_size, hold_out) -> FitRequest | None:
@@ -302,10 +334,7 @@ def _new_request(items, root, name, config, batch_size, hold_out) -> FitRequest 
         name = workspace.check_name(name)
         make_config(**config)
     except ValueError as error:
-        st.error(str(error))
-        return None
-    if workspace.model_path(name, root).exists():
-        st.error(f"A model called {name!r} exists already; choose another name.")
+        st.error(escape_markdown(error))
         return None
     return FitRequest(
         items=items,
@@ -331,7 +360,7 @@ def _extend_form(
     entry = entries[names.index(chosen)]
     thresholds = entry.thresholds
     st.caption(
-        f"{entry.config.backbone} · {entry.config.image_size} px · "
+        f"{escape_markdown(entry.config.backbone)} · {entry.config.image_size} px · "
         f"{entry.n_images:,} images so far · image threshold {raw(thresholds.image)}. "
         "The new images are added to its statistics; nothing is refitted."
     )

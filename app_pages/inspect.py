@@ -18,6 +18,7 @@ from app_ui.thresholding import (
     to_save,
 )
 from app_ui.widgets import (
+    escape_markdown,
     raw,
     report_skipped,
     require_model,
@@ -162,7 +163,8 @@ def _show(
         verdict_badge(verdict)
     width, height = scored.sizes[index]
     text.markdown(
-        f"**{item.name}** · score {describe_score(score, scale)} · image threshold "
+        f"**{escape_markdown(item.name)}** · score {describe_score(score, scale)} · "
+        "image threshold "
         f"{raw(scale.threshold)} (0.50) · {width} × {height} px, seen by the model "
         f"at {scored.image_size} × {scored.image_size}"
     )

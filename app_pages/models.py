@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app_ui import state
-from app_ui.widgets import flash, raw, show_flash
+from app_ui.widgets import escape_markdown, flash, raw, show_flash
 from padim_core import workspace
 from padim_core.model_file import MODEL_SUFFIX, ModelFileError
 from padim_core.workspace import ModelEntry
@@ -87,7 +87,7 @@ def _actions(entries: list[ModelEntry], active: ModelEntry | None, root) -> None
         type="primary",
     ):
         workspace.set_active(entry.name, root)
-        flash(f"{entry.name} is now the active model.")
+        flash(f"{escape_markdown(entry.name)} is now the active model.")
         st.rerun()
     middle.download_button(
         "Download",
@@ -109,16 +109,20 @@ def _rename(entry: ModelEntry, root) -> None:
             try:
                 target = workspace.rename_model(entry.name, new, root)
             except (ValueError, FileNotFoundError) as error:
-                st.error(str(error))
+                st.error(escape_markdown(error))
                 return
-            flash(f"Renamed {entry.name} to {target.stem}.")
+            flash(
+                f"Renamed {escape_markdown(entry.name)} to "
+                f"{escape_markdown(target.stem)}."
+            )
             st.rerun()
 
 
 def _delete(entry: ModelEntry, root) -> None:
     with st.expander("Delete"):
         sure = st.checkbox(
-            f"Yes, delete {entry.name} for good", key=f"models_sure_{entry.name}"
+            f"Yes, delete {escape_markdown(entry.name)} for good",
+            key=f"models_sure_{entry.name}",
         )
         if st.button(
             "Delete",
@@ -127,19 +131,24 @@ def _delete(entry: ModelEntry, root) -> None:
             key="models_delete_go",
         ):
             workspace.delete_model(entry.name, root)
-            flash(f"Deleted {entry.name}.")
+            flash(f"Deleted {escape_markdown(entry.name)}.")
             st.rerun()
 
 
 def _upload(root) -> None:
     st.subheader("Upload a model file")
+    limits = (
+        f"One model file at a time, up to {st.get_option('server.maxUploadSize'):,} "
+        "MB; checked before it is stored. Copy larger models into the models "
+        "folder directly."
+    )
     upload = st.file_uploader(
         f"A {MODEL_SUFFIX} model file written by this app or the command line",
         type=[MODEL_SUFFIX.lstrip(".")],
         key=UPLOAD_KEY,
-        help="Checked before it is stored; files up to 200 MB. Copy larger ones "
-        "into the models folder directly.",
+        help=limits,
     )
+    st.caption(limits)
     if upload is None:
         return
     done = st.session_state.setdefault(IMPORTED, {})
@@ -147,15 +156,11 @@ def _upload(root) -> None:
         try:
             entry, note = workspace.import_model(upload.getvalue(), upload.name, root)
         except ModelFileError as error:
-            done[upload.file_id] = ("error", f"Not stored: {error}")
+            done[upload.file_id] = ("error", f"Not stored: {escape_markdown(error)}")
         else:
+            stored = f"Stored as {escape_markdown(entry.name)}. Make it active above."
             done[upload.file_id] = (
-                ("warning", note)
-                if note
-                else (
-                    "success",
-                    f"Stored as {entry.name}. Make it active above to use it.",
-                )
+                ("warning", escape_markdown(note)) if note else ("success", stored)
             )
         st.rerun()
     kind, message = done[upload.file_id]

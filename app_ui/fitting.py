@@ -4,6 +4,12 @@ A :class:`FitJob` fits (or extends) a model and saves it into the workspace
 on its own thread; pages only read its progress. Jobs are kept in a registry
 shared by all sessions, so a fit survives a browser refresh and the page can
 show it again.
+
+Fits from several tabs never undo each other: a new model's name is taken
+when its fit starts and the file is published without replacing any model
+(:func:`padim_core.workspace.publish_model`); fits that add images to one
+model run one after the other, and write under the model's lock with the
+thresholds saved meanwhile (:func:`padim_core.workspace.model_lock`).
 """
 
 from __future__ import annotations
@@ -19,12 +25,19 @@ from pathlib import Path
 import streamlit as st
 import torch
 
-from app_ui.sources import Item
+from app_ui.fit_warnings import WarningLog, collecting
+from app_ui.sources import Item, hold_uploads, release_uploads
 from padim_core import workspace
 from padim_core.backbones import WeightsUnavailableError
 from padim_core.images import ImageError, Skipped
 from padim_core.model import DEFAULT_BATCH_SIZE, Padim
-from padim_core.model_file import MODEL_SUFFIX, ModelFileError, load_model, save_model
+from padim_core.model_file import (
+    MODEL_SUFFIX,
+    ModelFileError,
+    load_model,
+    read_header,
+    save_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +48,11 @@ MIN_IMAGES_FOR_HOLDOUT = 5
 
 # Finished fits remembered, so a page can still say how each one ended.
 KEPT_JOBS = 20
+
+# A first threshold at or below this (Mahalanobis distances are >= 0) means
+# the held-out images match the training ones exactly, as copies or flat
+# images do; every part that differs at all would fail.
+MIN_FIRST_THRESHOLD = 1e-6
 
 _ids = itertools.count(1)
 
@@ -100,6 +118,56 @@ def _registry() -> dict[int, FitJob]:
     return {}
 
 
+@dataclass
+class _Names:
+    """Names of new models whose fits run, per workspace, under one lock."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    taken: set[tuple[Path, str]] = field(default_factory=set)
+
+
+@st.cache_resource
+def _names() -> _Names:
+    return _Names()
+
+
+def names_in_use(root: Path) -> set[str]:
+    """Names of the new models being fitted in the workspace ``root``."""
+    root = Path(root).resolve()
+    with _names().lock:
+        return {name for folder, name in _names().taken if folder == root}
+
+
+def _take_name(request: FitRequest) -> None:
+    """Reserve the new model's name, or say why it cannot be had.
+
+    Checking and reserving happen under one lock, so of two tabs that start
+    fits of one name at the same moment, exactly one gets it.
+
+    Raises:
+        ValueError: If a model of that name exists or is being fitted.
+    """
+    name = workspace.check_name(request.name)
+    names = _names()
+    with names.lock:
+        if (request.root.resolve(), name) in names.taken:
+            raise ValueError(
+                f"a model called {name!r} is being fitted already (in this or "
+                "another tab); choose another name"
+            )
+        if workspace.model_path(name, request.root).exists():
+            raise ValueError(
+                f"a model called {name!r} exists already; choose another name"
+            )
+        names.taken.add((request.root.resolve(), name))
+    request.name = name
+
+
+def _free_name(request: FitRequest) -> None:
+    with _names().lock:
+        _names().taken.discard((request.root.resolve(), request.name))
+
+
 def get_job(job_id: int | None) -> FitJob | None:
     """The job with this id, if any."""
     return None if job_id is None else _registry().get(job_id)
@@ -111,12 +179,20 @@ def running_jobs() -> list[FitJob]:
 
 
 def start_fit(request: FitRequest) -> FitJob:
-    """Start fitting on a background thread and return the job at once."""
+    """Start fitting on a background thread and return the job at once.
+
+    Raises:
+        ValueError: If a new model's name is taken by a model or by a fit
+            still running.
+    """
+    if request.extend is None:
+        _take_name(request)
     _forget_old_jobs()
     job = FitJob(request, total=len(request.items))
     _registry()[job.id] = job
+    held = hold_uploads(request.items)
     thread = threading.Thread(
-        target=_run, args=(job,), name=f"fit-{job.id}", daemon=True
+        target=_run, args=(job, held), name=f"fit-{job.id}", daemon=True
     )
     thread.start()
     return job
@@ -133,9 +209,10 @@ def split_holdout(items: list[Item]) -> tuple[list[Item], list[Item]]:
     return train, [items[i] for i in sorted(chosen)]
 
 
-def _run(job: FitJob) -> None:
+def _run(job: FitJob, held: list[Path]) -> None:
+    found = WarningLog(item.name for item in job.request.items)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), collecting(found):
             if job.request.extend is not None:
                 _extend(job)
             else:
@@ -145,13 +222,17 @@ def _run(job: FitJob) -> None:
     except (ImageError, ModelFileError, WeightsUnavailableError) as error:
         job.error = str(error)
     except (ValueError, RuntimeError, OSError) as error:
-        job.error = f"{type(error).__name__}: {error}"
+        job.error = str(error) or type(error).__name__
         logger.exception("fit %d failed", job.id)
     except Exception as error:
-        job.error = f"unexpected {type(error).__name__}: {error}"
+        job.error = f"an unexpected error ({type(error).__name__}: {error})"
         logger.exception("fit %d failed", job.id)
     finally:
+        job.warnings = found.about_model + job.warnings + found.about_images
         job.request.items = []  # let go of the uploads' bytes
+        release_uploads(held)
+        if job.request.extend is None:
+            _free_name(job.request)
         job.finished = time.perf_counter()
 
 
@@ -169,11 +250,15 @@ class FitCancelled(Exception):
 
 def _progress(job: FitJob, offset: int = 0):
     def report(done: int, total: int) -> None:
-        if job.cancelled:
-            raise FitCancelled
+        _stop_if_cancelled(job)
         job.done = offset + done
 
     return report
+
+
+def _stop_if_cancelled(job: FitJob) -> None:
+    if job.cancelled:
+        raise FitCancelled
 
 
 def _fit_new(job: FitJob) -> None:
@@ -205,7 +290,19 @@ def _fit_new(job: FitJob) -> None:
         held_out=job.held_out,
         skipped=len(job.skipped),
     )
-    _save(job, padim, workspace.model_path(request.name, request.root))
+    job.phase = "Saving"
+    temporary = workspace.hidden_model_file(workspace.models_dir(request.root), "fit")
+    try:
+        save_model(padim, temporary)
+        path = workspace.publish_model(temporary, request.name, request.root)
+    finally:
+        temporary.unlink(missing_ok=True)
+    if path.stem != request.name:
+        job.warnings.append(
+            f"A model called {request.name} was stored while this one was fitted, "
+            f"so this one is saved as {path.stem}."
+        )
+    _done(job, path)
 
 
 def _set_thresholds(job: FitJob, padim: Padim, held: list[Item], offset: int) -> None:
@@ -219,39 +316,68 @@ def _set_thresholds(job: FitJob, padim: Padim, held: list[Item], offset: int) ->
         )
         return
     job.held_out = len(prediction.names)
-    padim.thresholds = workspace.thresholds_from_good(prediction.scores.numpy())
+    thresholds = workspace.thresholds_from_good(prediction.scores.numpy())
+    if thresholds.image <= MIN_FIRST_THRESHOLD:
+        job.warnings.append(
+            f"The held-out images ({job.held_out}) score {thresholds.image:.2g}: "
+            "they match the training images exactly (copies, or one flat colour), so a "
+            "threshold there would fail every part that differs at all. No first "
+            "threshold is set; set one on the Thresholds page with good and "
+            "defective images."
+        )
+        return
+    padim.thresholds = thresholds
 
 
 def _extend(job: FitJob) -> None:
+    """Add images to a model; fits of one model take turns, none is lost."""
     request = job.request
-    job.phase = "Loading the model"
-    padim = load_model(request.extend, device=request.device)
-    before = padim.n_images
-    job.phase = "Adding images"
-    report = padim.fit(
-        [item.pair() for item in request.items], request.batch_size, _progress(job)
-    )
-    job.n_images, job.skipped = report.images, list(report.skipped)
-    padim.metadata["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
-    padim.metadata["added_images"] = (
-        padim.metadata.get("added_images", 0) + report.images
-    )
+    path = Path(request.extend)
+    job.phase = "Waiting for another fit of this model to end"
+    with workspace.model_lock(path, "extend", wait=lambda: _stop_if_cancelled(job)):
+        job.phase = "Loading the model"
+        padim = load_model(path, device=request.device)
+        loaded = _statistics_id(path)
+        before = padim.n_images
+        job.phase = "Adding images"
+        report = padim.fit(
+            [item.pair() for item in request.items],
+            request.batch_size,
+            _progress(job),
+        )
+        job.n_images, job.skipped = report.images, list(report.skipped)
+        padim.metadata["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
+        padim.metadata["added_images"] = (
+            padim.metadata.get("added_images", 0) + report.images
+        )
+        job.phase = "Saving"
+        with workspace.model_lock(path):
+            _check_unchanged(path, loaded)
+            padim.thresholds = read_header(path)["thresholds"]  # saved meanwhile?
+            save_model(padim, path)
     job.notes.append(
         f"The model now holds {padim.n_images:,} images ({before:,} before). Its "
         "thresholds are kept; check them on the Thresholds page."
     )
-    _save(job, padim, Path(request.extend))
+    _done(job, path)
 
 
-def _save(job: FitJob, padim: Padim, path: Path) -> None:
-    job.phase = "Saving"
-    if padim.n_images <= padim.config.n_features:
-        job.warnings.append(
-            f"Fitted on {padim.n_images:,} images for {padim.config.n_features} "
-            "channels: the covariances rest mostly on the ridge. Add more good "
-            "images for reliable scores."
+def _statistics_id(path: Path) -> tuple:
+    """What tells one fit's statistics from another's, from the header."""
+    info = read_header(path)["info"]
+    return info.get("created"), info.get("n_images"), info.get("updated")
+
+
+def _check_unchanged(path: Path, loaded: tuple) -> None:
+    """Refuse to write if the model was renamed, deleted or replaced meanwhile."""
+    if not path.is_file() or _statistics_id(path) != loaded:
+        raise ValueError(
+            f"{path.stem} was renamed, deleted or replaced while the images were "
+            "being added, so nothing was saved; add them again"
         )
-    save_model(padim, path)
+
+
+def _done(job: FitJob, path: Path) -> None:
     workspace.set_active(path.name.removesuffix(MODEL_SUFFIX), job.request.root)
     job.path = path
     job.phase = "Done"

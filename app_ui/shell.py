@@ -8,8 +8,8 @@ import streamlit as st
 
 from app_ui import state
 from app_ui.scoring import WeightsMissingError
-from app_ui.sources import UPLOAD_LIMIT_TEXT
-from app_ui.widgets import model_summary, raw
+from app_ui.sources import upload_limits
+from app_ui.widgets import escape_markdown, model_summary, raw
 from padim_core.backbones import WeightsUnavailableError
 from padim_core.demo import DemoUnavailableError
 from padim_core.images import ImageError
@@ -36,10 +36,10 @@ def sidebar() -> None:
         if entry is None:
             st.caption("No model yet.")
         elif entry.error is not None:
-            st.error(entry.error)
+            st.error(escape_markdown(entry.error))
         else:
             thresholds = entry.thresholds
-            st.markdown(f"**Model:** {entry.name}")
+            st.markdown(f"**Model:** {escape_markdown(entry.name)}")
             st.caption(
                 f"{model_summary(entry)}  \nimage threshold "
                 f"{raw(thresholds.image)} · pixel threshold {raw(thresholds.pixel)}"
@@ -52,7 +52,7 @@ def sidebar() -> None:
             help="Where the network runs. CUDA and MPS appear when torch finds them.",
         )
         st.caption(f"Workspace: `{state.workspace_root().resolve()}`")
-        st.caption(UPLOAD_LIMIT_TEXT)
+        st.caption(upload_limits())
 
 
 def run_page(page) -> None:
@@ -60,10 +60,11 @@ def run_page(page) -> None:
     try:
         page.run()
     except EXPECTED_ERRORS as error:
-        st.error(str(error))
+        st.error(escape_markdown(error))
     except Exception as error:
         logger.exception("page %s failed", getattr(page, "title", page))
         st.error(
-            f"Something went wrong ({type(error).__name__}: {error}). The details "
-            "are in the server log; the workspace and its models are unharmed."
+            f"Something went wrong ({type(error).__name__}: {escape_markdown(error)})"
+            ". The details are in the server log; the workspace and its models are "
+            "unharmed."
         )

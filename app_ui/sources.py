@@ -2,34 +2,53 @@
 
 Every image becomes an :class:`Item`: the name the user knows, a key that
 identifies its content for the caches, and a way to read it. Zips are
-unpacked once per upload into a temporary folder by
-:func:`padim_core.archives.extract_zip`, which refuses unsafe members.
+unpacked once per upload, inside the workspace at
+``<workspace>/uploads/<upload id>``, by :func:`padim_core.archives.unpack_zip`,
+which refuses unsafe members. A folder is removed when its zip leaves the
+uploader or is the least recently used of more than :data:`MAX_UNPACKED`, but
+never while a fit still reads it; folders a day old that no upload of this
+server owns (left by an earlier run) are swept away.
 """
 
 from __future__ import annotations
 
 import re
-import tempfile
-from collections.abc import Callable, Sequence
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import streamlit as st
 from streamlit.runtime.uploaded_file_manager import UploadedFile
 
+from app_ui import state
 from app_ui.state import PERSIST
-from padim_core.archives import ArchiveError, unpack_zip
+from padim_core import workspace
+from padim_core.archives import MAX_TOTAL_BYTES, ArchiveError, unpack_zip
 from padim_core.images import IMAGE_EXTENSIONS, Skipped
 
 # What the uploaders accept; anything else never reaches the app.
 UPLOAD_TYPES = sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS) + ["zip"]
 
-# Stated in the app; the server's limit is server.maxUploadSize in
-# .streamlit/config.toml.
-UPLOAD_LIMIT_TEXT = (
-    "Up to 200 MB per file. A zip is unpacked on the server: images only, at "
-    "most 5,000 members and 2 GB in all."
-)
+# Streamlit limits the size of each file (server.maxUploadSize in
+# .streamlit/config.toml) but not their number; the app does. A zip counts
+# as its members, so one archive cannot carry more.
+MAX_UPLOAD_FILES = 2_000
+
+# Unpacked zips kept on disk at once; the least recently used go first.
+MAX_UNPACKED = 32
+
+
+def upload_limits() -> str:
+    """The upload limits in words, as every uploader states them."""
+    return (
+        f"Up to {st.get_option('server.maxUploadSize'):,} MB per file and "
+        f"{MAX_UPLOAD_FILES:,} files per upload; a zip counts as the files inside "
+        f"it and may unpack to at most {MAX_TOTAL_BYTES / 2**30:g} GB."
+    )
+
 
 DEMO = "Demo set"
 FILES = "Upload files or a zip"
@@ -77,45 +96,205 @@ def is_demo(items: Sequence[Item]) -> bool:
     return bool(items) and all(item.key.startswith(DEMO_KEY_PREFIX) for item in items)
 
 
+@dataclass
+class _Unpacked:
+    """One uploaded zip: its folder, what came out of it, who still reads it."""
+
+    folder: Path
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    items: list[Item] | None = None
+    skipped: list[Skipped] = field(default_factory=list)
+    refusal: str | None = None
+    readers: int = 0
+    dropped: bool = False
+    used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Unpacks:
+    """Every unpacked zip of this server, by folder."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    entries: dict[Path, _Unpacked] = field(default_factory=dict)
+
+    def get(self, folder: Path) -> _Unpacked:
+        """The entry of ``folder``, new if needed; old ones make room."""
+        with self.lock:
+            entry = self.entries.get(folder)
+            if entry is None:
+                entry = self.entries[folder] = _Unpacked(folder)
+            entry.dropped = False  # back in an uploader, e.g. after eviction
+            entry.used = time.monotonic()
+            idle = [e for e in self.entries.values() if e is not entry]
+            idle = sorted((e for e in idle if not e.readers), key=lambda e: e.used)
+            evicted = idle[: max(0, len(self.entries) - MAX_UNPACKED)]
+        for old in evicted:
+            self.drop(old.folder)
+        return entry
+
+    def folders(self) -> list[Path]:
+        """The folders this server still owns."""
+        with self.lock:
+            return list(self.entries)
+
+    def drop(self, folder: Path) -> None:
+        """Remove ``folder`` now, or once the last fit reading it ends."""
+        with self.lock:
+            entry = self.entries.get(folder)
+            if entry is None:
+                return
+            entry.dropped = True
+            if entry.readers:
+                return
+            del self.entries[folder]
+        with entry.lock:  # lets an unpacking in progress finish first
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def hold(self, folders: Iterable[Path]) -> list[Path]:
+        """Keep ``folders`` while a fit reads them; returns those held."""
+        with self.lock:
+            held = [path for path in set(folders) if path in self.entries]
+            for path in held:
+                self.entries[path].readers += 1
+        return held
+
+    def release(self, folders: Iterable[Path]) -> None:
+        """Let ``folders`` go again; dropped ones are removed now."""
+        gone = []
+        with self.lock:
+            for path in folders:
+                entry = self.entries.get(path)
+                if entry is not None:
+                    entry.readers -= 1
+                    if entry.dropped and not entry.readers:
+                        gone.append(path)
+        for path in gone:
+            self.drop(path)
+
+
 @st.cache_resource
-def _upload_root() -> tempfile.TemporaryDirectory:
-    """A folder for unpacked zips, removed when the server stops."""
-    return tempfile.TemporaryDirectory(prefix="padim-uploads-")
+def _unpacks() -> _Unpacks:
+    return _Unpacks()
 
 
-@st.cache_resource(max_entries=32, show_spinner=False)
-def _unpacked(
-    file_id: str, name: str, _data: bytes
-) -> tuple[list[Item], list[Skipped]]:
-    """Unpack one uploaded zip, once per upload, into its own folder."""
-    folder = Path(_upload_root().name) / re.sub(r"[^A-Za-z0-9_-]", "_", file_id)
-    written, skipped = unpack_zip(_data, folder, name=name)
-    items = [
-        Item(f"{name}/{one.member}", f"{file_id}/{one.member}", path=one.path)
+@st.cache_resource(show_spinner=False)
+def _swept(root: str) -> bool:
+    """Sweep stale upload folders once per server start and workspace."""
+    workspace.remove_stale_uploads(root, keep=_unpacks().folders())
+    return True
+
+
+def _upload_folder(root: Path, file_id: str) -> Path:
+    safe_id = re.sub(r"[^A-Za-z0-9_-]", "_", file_id)
+    return (workspace.uploads_dir(root) / safe_id).resolve()
+
+
+def _unpacked(upload: UploadedFile, root: Path) -> tuple[list[Item], list[Skipped]]:
+    """Unpack one uploaded zip, once per upload, into its own folder.
+
+    Raises:
+        ArchiveError: If the zip is refused as a whole (remembered, so a
+            rerun does not try again).
+    """
+    entry = _unpacks().get(_upload_folder(root, upload.file_id))
+    with entry.lock:
+        if entry.refusal is not None:
+            raise ArchiveError(entry.refusal)
+        if entry.items is None or not entry.folder.is_dir():
+            _unpack_into(entry, upload)
+            fresh = True
+        else:
+            fresh = False
+    if fresh:
+        workspace.remove_stale_uploads(root, keep=_unpacks().folders())
+    return list(entry.items), list(entry.skipped)
+
+
+def _unpack_into(entry: _Unpacked, upload: UploadedFile) -> None:
+    shutil.rmtree(entry.folder, ignore_errors=True)  # a run cut short
+    try:
+        written, skipped = unpack_zip(
+            upload.getvalue(),
+            entry.folder,
+            max_members=MAX_UPLOAD_FILES,
+            name=upload.name,
+        )
+    except ArchiveError as error:
+        entry.refusal = str(error)
+        raise
+    except OSError as error:  # e.g. a full disk; worth another try later
+        shutil.rmtree(entry.folder, ignore_errors=True)
+        raise ArchiveError(
+            f"{upload.name}: cannot be unpacked here ({error.strerror or error})"
+        ) from error
+    entry.items = [
+        Item(
+            f"{upload.name}/{one.member}",
+            f"{upload.file_id}/{one.member}",
+            path=one.path,
+        )
         for one in written
     ]
-    skipped = [Skipped(f"{name}/{item.name}", item.reason) for item in skipped]
-    return items, skipped
+    entry.skipped = [
+        Skipped(f"{upload.name}/{one.name}", one.reason) for one in skipped
+    ]
+
+
+def hold_uploads(items: Iterable[Item]) -> list[Path]:
+    """Keep the unpacked zips of ``items`` on disk until released.
+
+    A fit holds its images' folders, so replacing the upload meanwhile
+    does not pull files from under it.
+    """
+    folders = [item.path.parent.resolve() for item in items if item.path]
+    return _unpacks().hold(folders)
+
+
+def release_uploads(folders: Iterable[Path]) -> None:
+    """Let go of folders held by :func:`hold_uploads`."""
+    _unpacks().release(folders)
+
+
+def _is_zip(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() == ".zip"
 
 
 def upload_items(files: Sequence[UploadedFile]) -> tuple[list[Item], list[Skipped]]:
-    """Items of uploaded files; zips are unpacked, refused parts reported."""
+    """Items of uploaded files; zips are unpacked, refused parts reported.
+
+    More than :data:`MAX_UPLOAD_FILES` files, zip members counted, are
+    refused as a whole with an error on the page: a partly used lot would
+    mislead.
+    """
+    if len(files) > MAX_UPLOAD_FILES:
+        _too_many(f"{len(files):,} files")
+        return [], []
+    root = state.workspace_root()
     items: list[Item] = []
     skipped: list[Skipped] = []
     for upload in files:
-        if PurePosixPath(upload.name).suffix.lower() == ".zip":
-            try:
-                inner, refused = _unpacked(
-                    upload.file_id, upload.name, upload.getvalue()
-                )
-            except ArchiveError as error:
-                skipped.append(Skipped(upload.name, str(error)))
-                continue
-            items.extend(inner)
-            skipped.extend(refused)
-        else:
+        if not _is_zip(upload.name):
             items.append(Item(upload.name, upload.file_id, upload=upload))
+            continue
+        try:
+            inner, refused = _unpacked(upload, root)
+        except ArchiveError as error:
+            skipped.append(Skipped(upload.name, str(error)))
+            continue
+        items.extend(inner)
+        skipped.extend(refused)
+        if len(items) > MAX_UPLOAD_FILES:
+            _too_many(f"more than {MAX_UPLOAD_FILES:,} images once unpacked")
+            return [], []
     return _unique_names(items), skipped
+
+
+def _too_many(what: str) -> None:
+    st.error(
+        f"This upload holds {what}; the limit is {MAX_UPLOAD_FILES:,} files per "
+        "upload, a zip counting as the files inside it. None of it was used: "
+        "upload fewer at a time."
+    )
 
 
 def _unique_names(items: list[Item]) -> list[Item]:
@@ -132,15 +311,34 @@ def _unique_names(items: list[Item]) -> list[Item]:
 
 
 def uploader(label: str, key: str, folder: bool = False) -> list[UploadedFile]:
-    """A file (or folder) uploader for images and zips; returns the files."""
+    """A file (or folder) uploader for images and zips, with its limits stated.
+
+    Returns:
+        The files. Zips that left the uploader since the last run have their
+        unpacked folders removed.
+    """
     files = st.file_uploader(
         label,
         type=UPLOAD_TYPES,
         accept_multiple_files="directory" if folder else True,
         key=key,
-        help=UPLOAD_LIMIT_TEXT,
+        help=upload_limits(),
     )
-    return list(files or [])
+    st.caption(upload_limits())
+    files = list(files or [])
+    _forget_replaced(key, files)
+    return files
+
+
+def _forget_replaced(key: str, files: Sequence[UploadedFile]) -> None:
+    """Remove the unpacked folders of zips no longer in the uploader ``key``."""
+    root = state.workspace_root()
+    _swept(str(root.absolute()))
+    zips = {_upload_folder(root, f.file_id) for f in files if _is_zip(f.name)}
+    known = st.session_state.setdefault(state.UPLOADED_ZIPS, {})
+    for folder in known.get(key, set()) - zips:
+        _unpacks().drop(folder)
+    known[key] = zips
 
 
 def pick_images(

@@ -33,6 +33,9 @@ INSPECT_SELECTED = "inspect_selected"
 BATCH_REQUEST = "batch_request"
 # A message to show once after a rerun, e.g. after deleting a model.
 FLASH = "flash"
+# The unpacked zip folders of each uploader (by widget key), to remove a
+# folder once its zip leaves the uploader.
+UPLOADED_ZIPS = "uploaded_zips"
 
 
 def workspace_root() -> Path:

@@ -16,7 +16,7 @@ import streamlit as st
 from app_ui import state
 from app_ui.scoring import Scale, scale_of
 from app_ui.state import PERSIST
-from app_ui.widgets import flash, raw
+from app_ui.widgets import escape_markdown, flash, raw
 from padim_core.model import Thresholds
 from padim_core.workspace import ModelEntry, save_thresholds
 
@@ -147,7 +147,8 @@ def save_buttons(entry: ModelEntry, thresholds: Thresholds, page: str) -> None:
         save_thresholds(entry.path, thresholds)
         state.forget_working_thresholds(entry)
         flash(
-            f"Saved in {entry.name}: image threshold {raw(thresholds.image)}, "
+            f"Saved in {escape_markdown(entry.name)}: image threshold "
+            f"{raw(thresholds.image)}, "
             f"pixel threshold {raw(thresholds.pixel)}."
         )
         st.rerun()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import pandas as pd
@@ -23,6 +24,40 @@ MODELS_PAGE = "app_pages/models.py"
 
 # How many skipped files are listed by name before the rest is counted.
 MAX_LISTED = 200
+
+# Warnings shown one by one; the rest are listed in an expander.
+MAX_WARNINGS_SHOWN = 5
+
+# ASCII punctuation, every character of which CommonMark lets a backslash
+# make literal; control characters, which could start a new block.
+_MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+# Where GitHub-flavoured markdown finds links in plain text, after escapes are
+# undone: ``http(s)://``, ``www.`` and ``name@host``. An invisible word
+# joiner (U+2060) in the middle keeps each of them text.
+_BARE_LINKS = re.compile(r"(?i)(https?:)(//)|(www)(\.)|(@)()")
+_WORD_JOINER = "\u2060"
+
+
+def escape_markdown(text: object) -> str:
+    """``text`` shown as itself where Streamlit renders markdown.
+
+    File names, zip members, model files' contents and the errors that quote
+    them come from users. Unescaped, ``[Click here](https://evil)`` becomes a
+    live link, ``:red[...]`` colours text and ``**`` makes it bold. Every
+    ASCII punctuation mark gets a backslash (links, emphasis, HTML, LaTeX,
+    Streamlit's directives), bare URLs and e-mail addresses an invisible
+    word joiner, and control characters become spaces.
+    """
+    text = _CONTROL_CHARACTERS.sub(" ", str(text))
+    text = _BARE_LINKS.sub(_join, text)
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", text)
+
+
+def _join(match: re.Match) -> str:
+    head, tail = (part for part in match.groups() if part is not None)
+    return head + _WORD_JOINER + tail
 
 
 def time_left_text(label: str, done: int, total: int, elapsed: float) -> str:
@@ -57,6 +92,19 @@ def raw(value: float | None) -> str:
 def percent(value: float) -> str:
     """A rate as a percentage; ``n/a`` when undefined."""
     return "n/a" if not math.isfinite(value) else f"{100 * value:.1f} %"
+
+
+# A cell that starts with one of these is a formula to a spreadsheet.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """``text`` for a CSV cell that a spreadsheet shows and never evaluates.
+
+    A file named ``=HYPERLINK("https://evil", "ok").png`` would otherwise run
+    as a formula where the CSV is opened; a leading single quote keeps it text.
+    """
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
 
 
 def verdict_badge(verdict: str) -> None:
@@ -103,12 +151,12 @@ def require_model(entry: ModelEntry | None) -> ModelEntry:
         )
         st.stop()
     if entry.error is not None:
-        st.error(f"The active model cannot be used: {entry.error}")
+        st.error(f"The active model cannot be used: {escape_markdown(entry.error)}")
         st.page_link(
             MODELS_PAGE, label="Choose another model", icon=":material/inventory_2:"
         )
         st.stop()
-    st.caption(f"Model **{entry.name}** · {model_summary(entry)}")
+    st.caption(f"Model **{escape_markdown(entry.name)}** · {model_summary(entry)}")
     return entry
 
 
@@ -125,6 +173,15 @@ def report_skipped(skipped: Sequence[Skipped], what: str = "files") -> None:
         if len(rows) > MAX_LISTED:
             st.caption(f"The first {MAX_LISTED} of {len(rows):,}.")
         st.dataframe(pd.DataFrame(rows[:MAX_LISTED]), hide_index=True)
+
+
+def show_warnings(messages: Sequence[str]) -> None:
+    """Show warnings (plain text, not markdown); many are listed in an expander."""
+    for message in messages[:MAX_WARNINGS_SHOWN]:
+        st.warning(escape_markdown(message))
+    if len(messages) > MAX_WARNINGS_SHOWN:
+        with st.expander(f"All {len(messages):,} warnings"):
+            st.text("\n".join(messages))
 
 
 def flash(message: str, kind: str = "success") -> None:

@@ -12,6 +12,7 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 APP = Path(__file__).resolve().parents[2] / "app.py"
@@ -52,6 +53,13 @@ def upload(name: str, data: bytes, mime: str = "image/png") -> tuple[str, bytes,
 def demo_uploads(paths: Iterable[Path]) -> list[tuple[str, bytes, str]]:
     """Demo images as uploads."""
     return [upload(path.name, path.read_bytes()) for path in paths]
+
+
+def flat_png(value: int = 0, side: int = 64) -> bytes:
+    """A PNG of one flat grey level."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (value, value, value)).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def zip_bytes(members: dict[str, bytes]) -> bytes:

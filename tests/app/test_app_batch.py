@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
-from apptools import assert_clean, by_label, demo_uploads, open_page, texts, zip_bytes
+import csv
+import io
 
+import pytest
+from apptools import (
+    assert_clean,
+    by_label,
+    demo_uploads,
+    open_page,
+    texts,
+    upload,
+    zip_bytes,
+)
+from streamlit.runtime.media_file_manager import MediaFileManager
+
+from app_ui.widgets import spreadsheet_safe
 from padim_core import demo
 
 
@@ -49,3 +63,41 @@ def test_nothing_is_scored_until_asked(fitted):
     assert_clean(at)
     assert not at.dataframe
     assert not at.metric
+
+
+@pytest.mark.parametrize(
+    "name",
+    ['=HYPERLINK("https://evil.example","ok").png', "+1.png", "-2.png", "@SUM.png"],
+)
+def test_the_csv_keeps_formula_like_names_as_text(fitted, monkeypatch, name):
+    offered = []
+    add = MediaFileManager.add
+
+    def keep(self, data, mimetype, *args, **kwargs):
+        if mimetype == "text/csv":
+            offered.append(data)
+        return add(self, data, mimetype, *args, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add", keep)
+    at = open_page("batch")
+    at.radio(key="batch_source").set_value("Upload files or a zip").run()
+    cell = demo.batch_images()[0].read_bytes()
+    at.file_uploader(key="batch_Upload files or a zip").set_value(
+        upload(name, cell)
+    ).run()
+    by_label(at.button, "Score 1 images").click().run()
+
+    assert_clean(at)
+    (row,) = csv.DictReader(io.StringIO(offered[-1].decode()))
+    assert row["path"] == f"'{name}"
+    assert at.dataframe[-1].value["path"][0] == name  # the table shows it as is
+
+
+@pytest.mark.parametrize("text", ["=1+1", "+1", "-1", "@A1", "\t=1", "\r=1"])
+def test_formula_starts_get_a_quote(text):
+    assert spreadsheet_safe(text) == f"'{text}"
+
+
+@pytest.mark.parametrize("text", ["cell.png", "lot.zip/a-1.png", " =x", "'=x"])
+def test_other_names_are_left_alone(text):
+    assert spreadsheet_safe(text) == text

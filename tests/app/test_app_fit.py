@@ -7,6 +7,7 @@ from apptools import (
     assert_clean,
     by_label,
     demo_uploads,
+    flat_png,
     open_page,
     texts,
     upload,
@@ -100,3 +101,53 @@ def test_missing_weights_are_explained_and_random_weights_offered(workspace_root
     assert by_label(at.button, "Fit model").disabled
     at.toggle(key="fit_pre_resnet18").set_value(False).run()
     assert not by_label(at.button, "Fit model").disabled
+
+
+def test_the_model_name_follows_the_images_until_edited(workspace_root):
+    at = open_page("fit")
+    assert at.text_input(key="fit_name").value == "solar-cells"
+
+    at.radio(key="fit_source").set_value("Upload files or a zip").run()
+    assert at.text_input(key="fit_name").value.startswith("model-")
+    lot = zip_bytes({"lot/a.png": demo.train_images(1)[0].read_bytes()})
+    at.file_uploader(key="fit_Upload files or a zip").set_value(
+        upload("Line 4 lot.zip", lot, "application/zip")
+    ).run()
+    assert at.text_input(key="fit_name").value == "Line 4 lot"
+
+    at.text_input(key="fit_name").set_value("mine").run()
+    at.radio(key="fit_source").set_value("Demo set").run()
+    assert_clean(at)
+    assert at.text_input(key="fit_name").value == "mine"
+
+
+def test_flat_training_images_warn_and_set_no_first_threshold(workspace_root):
+    at = open_page("fit")
+    at.radio(key="fit_source").set_value("Upload files or a zip").run()
+    files = [upload(f"black{i}.png", flat_png(0)) for i in range(10)]
+    at.file_uploader(key="fit_Upload files or a zip").set_value(files).run()
+    small_settings(at)
+    by_label(at.button, "Fit model").click().run()
+    wait_for(at, finished)
+
+    assert_clean(at)
+    warned = texts(at.warning)
+    assert "identical features" in warned
+    assert "one flat colour" in warned
+    assert "No first threshold is set" in warned
+    assert len(at.warning) == 5  # the first five; all are listed below them
+    assert "black9.png: the image is one flat colour" in texts(at.text)
+    assert workspace.get_active(workspace_root).thresholds.image is None
+
+
+def test_few_images_are_warned_about_once(workspace_root):
+    at = open_page("fit")
+    at.radio(key="fit_source").set_value("Upload files or a zip").run()
+    files = demo_uploads(demo.train_images(4))
+    at.file_uploader(key="fit_Upload files or a zip").set_value(files).run()
+    small_settings(at)
+    by_label(at.button, "Fit model").click().run()
+    wait_for(at, finished)
+
+    assert_clean(at)
+    assert texts(at.warning).count("fitted on 4 images for 20 channels") == 1

@@ -1,14 +1,16 @@
-"""The background fit: hold-out split, a fit that saves, a cancelled fit."""
+"""The background fit: hold-out split, saving, cancelling, fits that overlap."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
 from app_ui.fitting import FitRequest, get_job, split_holdout, start_fit
-from app_ui.sources import demo_items
+from app_ui.sources import Item, demo_items
 from padim_core import demo, workspace
+from padim_core.model import Thresholds
 
 
 @pytest.mark.parametrize(("n", "held"), [(1, 0), (4, 0), (5, 1), (20, 2), (120, 12)])
@@ -56,3 +58,110 @@ def test_a_cancelled_fit_saves_nothing(tmp_path):
 
     assert job.error == "cancelled"
     assert workspace.list_models(tmp_path) == []
+
+
+class _Gate:
+    """An upload whose bytes are handed out only once the test opens the gate."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.reached = threading.Event()
+        self.opened = threading.Event()
+
+    def getvalue(self) -> bytes:
+        self.reached.set()
+        assert self.opened.wait(60)
+        return self.data
+
+
+def _gated_request(entry, n: int) -> tuple[FitRequest, _Gate]:
+    paths = demo.train_images()[100 : 100 + n]
+    gate = _Gate(paths[0].read_bytes())
+    items = [Item("gated.png", f"gate-{id(gate)}", upload=gate)]
+    items += demo_items(paths[1:])
+    request = FitRequest(
+        items=items,
+        name=entry.name,
+        root=entry.path.parent.parent,
+        image_size=entry.config.image_size,
+        extend=entry.path,
+    )
+    return request, gate
+
+
+def test_a_second_fit_of_one_name_is_refused_while_the_first_runs(tmp_path):
+    first = start_fit(_request(tmp_path, 40))
+    try:
+        with pytest.raises(ValueError, match="is being fitted already"):
+            start_fit(_request(tmp_path, 10))
+    finally:
+        first.cancelled = True
+        _wait(first)
+    again = start_fit(_request(tmp_path, 10))
+    _wait(again)
+    assert again.error is None and again.path.stem == "job"
+
+
+def test_a_fit_refuses_a_name_a_model_has(tmp_path):
+    done = start_fit(_request(tmp_path, 10))
+    _wait(done)
+
+    with pytest.raises(ValueError, match="exists already"):
+        start_fit(_request(tmp_path, 10))
+
+
+def test_thresholds_saved_while_images_are_added_are_kept(fitted):
+    request, gate = _gated_request(fitted, 3)
+    job = start_fit(request)
+    assert gate.reached.wait(60)  # the model is loaded, the images not yet added
+    new = Thresholds(50.0, 40.0, 10.0, 90.0)
+    workspace.save_thresholds(fitted.path, new)
+    gate.opened.set()
+    _wait(job)
+
+    assert job.error is None
+    after = workspace.describe(fitted.path)
+    assert after.thresholds == new
+    assert after.n_images == fitted.n_images + 3
+
+
+def test_two_fits_adding_to_one_model_both_land(fitted):
+    first, gate = _gated_request(fitted, 3)
+    second = FitRequest(
+        items=demo_items(demo.train_images()[110:112]),
+        name=fitted.name,
+        root=first.root,
+        extend=fitted.path,
+    )
+    job = start_fit(first)
+    assert gate.reached.wait(60)
+    other = start_fit(second)
+    time.sleep(0.5)
+    assert other.running and other.phase.startswith("Waiting")
+    gate.opened.set()
+    _wait(job)
+    _wait(other)
+
+    assert job.error is None and other.error is None
+    assert workspace.describe(fitted.path).n_images == fitted.n_images + 5
+
+
+def test_a_waiting_fit_can_be_cancelled(fitted):
+    first, gate = _gated_request(fitted, 2)
+    job = start_fit(first)
+    assert gate.reached.wait(60)
+    waiting = start_fit(
+        FitRequest(
+            items=demo_items(demo.train_images()[110:111]),
+            name=fitted.name,
+            root=first.root,
+            extend=fitted.path,
+        )
+    )
+    waiting.cancelled = True
+    _wait(waiting)
+    gate.opened.set()
+    _wait(job)
+
+    assert waiting.error == "cancelled"
+    assert workspace.describe(fitted.path).n_images == fitted.n_images + 2
