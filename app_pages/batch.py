@@ -43,7 +43,9 @@ def batch_page() -> None:
     _threshold_note(entry, thresholds)
     request = (state.model_key(entry), tuple(item.key for item in items))
     if st.button(
-        f"Score {len(items):,} images", type="primary", icon=":material/play_arrow:"
+        f"Score {len(items):,} image{'s' if len(items) != 1 else ''}",
+        type="primary",
+        icon=":material/play_arrow:",
     ):
         st.session_state[state.BATCH_REQUEST] = request
     if st.session_state.get(state.BATCH_REQUEST) != request:
