@@ -3,16 +3,20 @@
     .venv/bin/python bench/benchmark.py --out results/benchmark.md
     .venv/bin/python bench/benchmark.py --quick
 
-For each configuration, every measurement runs in a fresh process, so that
-peak resident memory (``ru_maxrss``) belongs to that measurement alone:
+For each configuration and number of training images, a fresh process
+warms the backbone up on one batch, then times:
 
-- floor: decode and resize the training images (timed apart), then run the
-  bare feature extractor to the deepest layer over them, same batch size;
-- fit: ``Padim.fit`` on the image files, decoding included, and its peak;
-- predict: a saved model is loaded, then ``Padim.predict_tensor`` runs on
-  decoded test images, in batches and one image at a time, alternating with
-  the bare feature extractor on the same tensors; the fastest of a few
-  rounds of each is kept.
+- floor: the training images decoded and resized batch by batch (timed
+  apart), each batch run through the bare feature extractor to the deepest
+  layer used; once before the fit and once after, and the two averaged, so
+  that a change in machine load during the fit shows in both;
+- fit: ``Padim.fit`` on the image files, decoding included, with the peak
+  resident memory of the fit alone (the peak is reset before it).
+
+A saved model is then loaded in fresh processes, which score decoded test
+images in batches and one at a time (the app's case), alternating with the
+bare feature extractor on the same tensors; the fastest of a few rounds of
+each counts. Their peak covers loading and scoring.
 
 Random backbone weights are used for the ResNets (speed does not depend on
 them); efficientnet_lite0 uses its bundled ImageNet weights.
@@ -82,8 +86,18 @@ CONFIGS = {
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (10^6 bytes)."""
+    """Peak resident memory since the last :func:`reset_peak`, in MB (10^6 B)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+
+
+def reset_peak() -> None:
+    """Start a new peak resident memory at the current size (Linux)."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
 
 
 def image_paths(folder: Path, count: int) -> list[Path]:
@@ -123,27 +137,36 @@ def build_padim(config: Config):
     )
 
 
-def case_floor(config: Config, count: int, batch_size: int, data: Path) -> dict:
-    """Decode ``count`` training images, then time the bare backbone on them."""
+def floor_pass(extractor, paths: list[Path], batch_size: int) -> tuple[float, float]:
+    """Decode batch by batch and run the bare extractor: (decode s, forward s)."""
     import torch
 
-    extractor = build_padim(config).model.feature_extractor
-    batches, decode_s = decode(image_paths(data / "train" / "good", count), batch_size)
-    start = time.perf_counter()
-    with torch.no_grad():
-        for batch in batches:
+    from padim_core.images import read_image, to_tensor
+
+    decode_s = forward_s = 0.0
+    for i in range(0, len(paths), batch_size):
+        start = time.perf_counter()
+        images = [read_image(path) for path in paths[i : i + batch_size]]
+        batch = to_tensor(images, IMAGE_SIZE)
+        middle = time.perf_counter()
+        with torch.no_grad():
             extractor(batch)
-    return {"decode_s": decode_s, "floor_s": time.perf_counter() - start}
+        decode_s += middle - start
+        forward_s += time.perf_counter() - middle
+    return decode_s, forward_s
 
 
 def case_fit(
     config: Config, count: int, batch_size: int, data: Path, save: str | None
 ) -> dict:
-    """Time ``Padim.fit`` on ``count`` image files; optionally save the model."""
+    """Floor, ``Padim.fit`` and floor again on ``count`` images; maybe save."""
     from padim_core.model_file import save_model
 
     padim = build_padim(config)
-    baseline_mb = peak_rss_mb()
+    extractor = padim.model.feature_extractor
+    paths = image_paths(data / "train" / "good", count)
+    floor_pass(extractor, paths[:batch_size], batch_size)  # warm-up
+    before = floor_pass(extractor, paths, batch_size)
     finalize, spent = padim.finalize, []
 
     def timed_finalize():
@@ -153,16 +176,24 @@ def case_fit(
         return result
 
     padim.finalize = timed_finalize  # the benchmark's own probe into fit
-    paths = [str(path) for path in image_paths(data / "train" / "good", count)]
+    baseline_mb = peak_rss_mb()
+    reset_peak()
     start = time.perf_counter()
-    padim.fit(paths, batch_size)
+    padim.fit([str(path) for path in paths], batch_size)
+    fit_s = time.perf_counter() - start
+    peak_mb = peak_rss_mb()
+    after = floor_pass(extractor, paths, batch_size)
     result = {
-        "fit_s": time.perf_counter() - start,
+        "decode_s": (before[0] + after[0]) / 2,
+        "floor_s": (before[1] + after[1]) / 2,
+        "floors_s": [before[1], after[1]],
+        "fit_s": fit_s,
         "finalize_s": sum(spent),
         "baseline_mb": baseline_mb,
-        "peak_mb": peak_rss_mb(),
+        "peak_mb": peak_mb,
     }
     if save:
+        reset_peak()
         start = time.perf_counter()
         save_model(padim, save)
         result["save_s"] = time.perf_counter() - start
@@ -235,9 +266,7 @@ def run_child(case: dict, threads: int | None) -> None:
         torch.set_num_threads(threads)
     config = CONFIGS[case["config"]]
     data = Path(case["data"])
-    if case["kind"] == "floor":
-        result = case_floor(config, case["count"], case["batch"], data)
-    elif case["kind"] == "fit":
+    if case["kind"] == "fit":
         result = case_fit(config, case["count"], case["batch"], data, case.get("save"))
     else:
         result = case_predict(config, case["model"], case["count"], case["batch"], data)
@@ -251,11 +280,9 @@ def benchmark_config(config: Config, args: argparse.Namespace, folder: Path) -> 
     model = str(folder / f"{config.name}.safetensors")
     fits = []
     for count in args.counts:
-        case = {**base, "count": count}
-        floor = run_case({**case, "kind": "floor"}, args.threads)
         save = model if count == max(args.counts) else None
-        fit = run_case({**case, "kind": "fit", "save": save}, args.threads)
-        fits.append({"count": count, **floor, **fit})
+        case = {**base, "count": count, "kind": "fit", "save": save}
+        fits.append({"count": count, **run_case(case, args.threads)})
         log(f"{config.name} fit {count}: {fits[-1]}")
     predicts = []
     for batch in (args.batch_size, 1):
@@ -302,7 +329,7 @@ def fit_table(results: list[dict]) -> list[str]:
             "config",
             "images",
             "decode s",
-            "floor s",
+            "floor s (before / after fit)",
             "fit s",
             "of which finalize s",
             f"fit / (floor + decode), target {FIT_TARGET}",
@@ -314,9 +341,10 @@ def fit_table(results: list[dict]) -> list[str]:
     for result in results:
         name, fits = result["config"]["name"], result["fits"]
         for fit in fits:
-            if "error" in fit or "error_fit" in fit:
-                error = fit.get("error") or fit.get("error_fit")
-                lines.append(row(name, fit["count"], f"failed: {error}", *[""] * 6))
+            if "error" in fit:
+                lines.append(
+                    row(name, fit["count"], f"failed: {fit['error']}", *[""] * 6)
+                )
                 continue
             base = fit["floor_s"] + fit["decode_s"]
             growth = ratio(fit["peak_mb"], fits[0].get("peak_mb"))
@@ -325,7 +353,7 @@ def fit_table(results: list[dict]) -> list[str]:
                     name,
                     fit["count"],
                     cell(fit["decode_s"]),
-                    cell(fit["floor_s"]),
+                    " / ".join(cell(value) for value in fit["floors_s"]),
                     cell(fit["fit_s"]),
                     cell(fit["finalize_s"]),
                     verdict(ratio(fit["fit_s"], base), FIT_TARGET),
@@ -377,7 +405,7 @@ def predict_table(results: list[dict]) -> list[str]:
 def file_table(results: list[dict]) -> list[str]:
     """Markdown rows of model file size and the cost of saving it."""
     lines = [
-        row("config", "model file MB", "save s", "peak RSS of fit + save MB"),
+        row("config", "model file MB", "save s", "peak RSS while saving MB"),
         row("---", "---:", "---:", "---:"),
     ]
     for result in results:

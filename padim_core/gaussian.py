@@ -65,6 +65,11 @@ def all_finite(tensor: Tensor) -> bool:
     """
     if tensor.numel() == 0 or not tensor.is_floating_point():
         return True
+    # Reduce in memory order: a permuted view reduces several times slower.
+    order = sorted(range(tensor.ndim), key=lambda axis: -tensor.stride(axis))
+    lying = tensor.permute(order)
+    if lying.is_contiguous():
+        tensor = lying.view(-1)
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) and torch.isfinite(high))
 
