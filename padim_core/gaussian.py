@@ -39,10 +39,12 @@ COVARIANCE_RIDGE = 0.01
 # gives each worker thread many steps to share.
 CHUNK_BYTES = 16 * 2**20
 
-# Deviations of up to channels / PENDING_DIVISOR images wait to be added to
-# the scatter in one pass: a pass over (P, C, C) costs the same for 16 images
-# as for 64, and the wait takes 1 / PENDING_DIVISOR of the scatter's memory.
+# Deviations of up to max(channels / PENDING_DIVISOR, PENDING_MIN_IMAGES)
+# images wait to be added to the scatter in one pass: a pass over (P, C, C)
+# costs about the same for 16 images as for 64, and the wait takes at most
+# 1 / PENDING_DIVISOR of the scatter's memory, or 64 / C of it.
 PENDING_DIVISOR = 8
+PENDING_MIN_IMAGES = 64
 
 # With at least PANEL_MIN_CHANNELS channels, scatter updates compute only the
 # upper triangle, in PANELS row panels: 5/8 of the work. Below that the
@@ -224,7 +226,7 @@ class RunningGaussian:
 
     def _waiting_room(self, n: int) -> tuple[Tensor, bool]:
         """Room (P, n, C) for new deviations, and whether it is a waiting slot."""
-        capacity = self.channels // PENDING_DIVISOR
+        capacity = max(self.channels // PENDING_DIVISOR, PENDING_MIN_IMAGES)
         if self._waiting + n > capacity:
             self._flush()
         if n > capacity:

@@ -243,9 +243,12 @@ def test_padim_scores_again_after_the_scatter_was_read(images, monkeypatch):
 
 
 @pytest.mark.parametrize("batch", [1, 2, 5, 9])
-def test_deviations_waiting_for_the_scatter_count_everywhere(batch, panels):
-    # 24 channels: up to 3 images wait, so every batch size here takes a
-    # different mix of waiting, flushing and direct updates.
+def test_deviations_waiting_for_the_scatter_count_everywhere(
+    batch, panels, monkeypatch
+):
+    # Up to 3 images wait, so every batch size here takes a different mix of
+    # waiting, flushing and direct updates.
+    monkeypatch.setattr(gaussian, "PENDING_MIN_IMAGES", 3)
     embedding = _embeddings(23, c=24, h=2, w=2)
     stats = _fit(embedding, batch)
     whole = _fit(embedding, 23)
