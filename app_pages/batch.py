@@ -49,6 +49,7 @@ def batch_page() -> None:
     ):
         st.session_state[state.BATCH_REQUEST] = request
     if st.session_state.get(state.BATCH_REQUEST) != request:
+        _last_results()
         return
 
     scored = score_items(entry, items, state.device())
@@ -58,9 +59,24 @@ def batch_page() -> None:
         return
     scale = scale_of(thresholds, scored.scores)
     frame = results_frame(scored, scale, thresholds.image)
+    st.session_state[state.BATCH_RESULTS] = (frame, len(scored.skipped))
     _summary(frame, len(scored.skipped))
     _table(frame)
     _gallery(scored, items, frame, scale, thresholds.pixel)
+
+
+def _last_results() -> None:
+    """The table of the last scoring, kept until the next one."""
+    kept = st.session_state.get(state.BATCH_RESULTS)
+    if kept is None:
+        return
+    frame, n_skipped = kept
+    st.info(
+        f"The results below are from the last scoring ({len(frame):,} images), "
+        "not of the images chosen now. Score these to replace them."
+    )
+    _summary(frame, n_skipped)
+    _table(frame)
 
 
 def _threshold_note(entry: ModelEntry, thresholds) -> None:

@@ -313,10 +313,14 @@ def _unique_names(items: list[Item]) -> list[Item]:
 def uploader(label: str, key: str, folder: bool = False) -> list[UploadedFile]:
     """A file (or folder) uploader for images and zips, with its limits stated.
 
+    The files are kept in the session, so they are still used after a visit
+    to another page (which empties the uploader) until the user clears them.
+
     Returns:
         The files. Zips that left the uploader since the last run have their
         unpacked folders removed.
     """
+    shown_before = key in st.session_state
     files = st.file_uploader(
         label,
         type=UPLOAD_TYPES,
@@ -326,8 +330,33 @@ def uploader(label: str, key: str, folder: bool = False) -> list[UploadedFile]:
     )
     st.caption(upload_limits())
     files = list(files or [])
+    kept = st.session_state.setdefault(state.KEPT_UPLOADS, {})
+    previous, restored = kept.get(key, ([], False))
+    if files or (shown_before and not restored):
+        kept[key] = (files, False)  # the user's own choice, an empty one too
+    elif previous:
+        kept[key] = (previous, True)
+        files = list(previous)
+        _kept_note(key, len(files))
     _forget_replaced(key, files)
     return files
+
+
+def _kept_note(key: str, count: int) -> None:
+    note, clear = st.columns([4, 1], vertical_alignment="center")
+    note.info(
+        f"Using {count:,} uploaded file{'s' if count != 1 else ''} (from previous "
+        "visit). Upload others above to replace them.",
+        icon=":material/history:",
+    )
+    clear.button(
+        "Clear", key=f"{key}_clear", on_click=clear_kept, args=(key,), width="stretch"
+    )
+
+
+def clear_kept(key: str) -> None:
+    """Forget the files kept for the uploader ``key`` (a callback)."""
+    st.session_state.setdefault(state.KEPT_UPLOADS, {}).pop(key, None)
 
 
 def _forget_replaced(key: str, files: Sequence[UploadedFile]) -> None:

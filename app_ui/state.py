@@ -36,6 +36,15 @@ FLASH = "flash"
 # The unpacked zip folders of each uploader (by widget key), to remove a
 # folder once its zip leaves the uploader.
 UPLOADED_ZIPS = "uploaded_zips"
+# The files of each uploader (by widget key) and whether they were restored
+# after a visit to another page: Streamlit forgets the state of widgets a page
+# does not show.
+KEPT_UPLOADS = "kept_uploads"
+# The last scoring of the Batch page: (request, scored, items).
+BATCH_RESULTS = "batch_results"
+# The highest image score seen this session, per model fingerprint; every
+# page's threshold sliders reach as far.
+SCORES_SEEN = "scores_seen"
 
 
 def workspace_root() -> Path:
@@ -87,6 +96,20 @@ def forget_working_thresholds(entry: ModelEntry) -> None:
 def thresholds_changed(entry: ModelEntry) -> bool:
     """Whether the thresholds being tried differ from the saved ones."""
     return working_thresholds(entry) != (entry.thresholds or Thresholds())
+
+
+def note_scores(entry: ModelEntry, highest: float) -> float:
+    """Remember ``highest`` as a score of ``entry``; returns the highest seen."""
+    seen = st.session_state.setdefault(SCORES_SEEN, {})
+    top = max(float(highest), seen.get(entry.fingerprint, float("-inf")))
+    seen[entry.fingerprint] = top
+    return top
+
+
+def fitted_on_demo(entry: ModelEntry | None) -> bool | None:
+    """Whether ``entry`` was fitted on the demo cells; None when not recorded."""
+    source = entry.info.get("source") if entry is not None else None
+    return None if source is None else source == "demo"
 
 
 def model_key(entry: ModelEntry) -> str:

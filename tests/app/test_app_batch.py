@@ -85,7 +85,7 @@ def test_the_csv_keeps_formula_like_names_as_text(fitted, monkeypatch, name):
     at.file_uploader(key="batch_Upload files or a zip").set_value(
         upload(name, cell)
     ).run()
-    by_label(at.button, "Score 1 images").click().run()
+    by_label(at.button, "Score 1 image").click().run()
 
     assert_clean(at)
     (row,) = csv.DictReader(io.StringIO(offered[-1].decode()))
@@ -101,3 +101,19 @@ def test_formula_starts_get_a_quote(text):
 @pytest.mark.parametrize("text", ["cell.png", "lot.zip/a-1.png", " =x", "'=x"])
 def test_other_names_are_left_alone(text):
     assert spreadsheet_safe(text) == text
+
+
+def test_the_last_results_stay_until_the_next_scoring(fitted):
+    at = open_page("batch")
+    n = demo.N_BATCH_GOOD + demo.N_BATCH_DEFECTIVE
+    by_label(at.button, f"Score {n} images").click().run()
+    at.radio(key="batch_source").set_value("Upload files or a zip").run()
+    files = demo_uploads(demo.batch_images()[:2])
+    at.file_uploader(key="batch_Upload files or a zip").set_value(files).run()
+
+    assert_clean(at)
+    assert len(at.dataframe[-1].value) == n
+    assert "from the last scoring" in texts(at.info)
+    by_label(at.button, "Score 2 images").click().run()
+    assert len(at.dataframe[-1].value) == 2
+    assert "from the last scoring" not in texts(at.info)

@@ -5,8 +5,17 @@ from __future__ import annotations
 import os
 import time
 
+import pandas as pd
 import pytest
-from apptools import assert_clean, demo_uploads, open_page, texts, upload, zip_bytes
+from apptools import (
+    assert_clean,
+    by_label,
+    demo_uploads,
+    open_page,
+    texts,
+    upload,
+    zip_bytes,
+)
 
 from app_ui import sources
 from padim_core import archives, demo, workspace
@@ -144,3 +153,41 @@ def test_one_zip_over_the_member_limit_is_refused_unpacked(fitted, workspace_roo
     assert_clean(at)
     assert "2,001 members, more than the limit of 2,000" in _reasons(at)
     assert _folders(workspace_root) == []
+
+
+def test_uploads_and_results_survive_a_visit_to_another_page(fitted):
+    images = {f"lot/{p.name}": p.read_bytes() for p in demo.batch_images()[:3]}
+    at = open_page("batch")
+    at.radio(key="batch_source").set_value("Upload files or a zip").run()
+    lot = ("lot.zip", zip_bytes(images), "application/zip")
+    at.file_uploader(key="batch_Upload files or a zip").set_value(lot).run()
+    by_label(at.button, "Score 3 images").click().run()
+    before = at.dataframe[-1].value
+
+    at.switch_page("app_pages/inspect.py").run()
+    at.switch_page("app_pages/batch.py").run()
+
+    assert_clean(at)
+    assert "Using 1 uploaded file (from previous visit)" in texts(at.info)
+    pd.testing.assert_frame_equal(at.dataframe[-1].value, before)
+    by_label(at.slider, "How many").set_value(2).run()  # any rerun keeps them
+    assert "Using 1 uploaded file" in texts(at.info)
+    assert len(at.dataframe[-1].value) == 3
+
+    by_label(at.button, "Clear").click().run()
+    assert_clean(at)
+    assert not at.dataframe
+    assert "Choose the images to score." in texts(at.info)
+
+
+def test_inspect_keeps_its_uploads_across_pages(fitted):
+    at = open_page("inspect")
+    at.radio(key="inspect_source").set_value("Upload files or a zip").run()
+    files = demo_uploads(demo.inspection_images()[:2])
+    at.file_uploader(key="inspect_Upload files or a zip").set_value(files).run()
+    at.switch_page("app_pages/models.py").run()
+    at.switch_page("app_pages/inspect.py").run()
+
+    assert_clean(at)
+    assert "Using 2 uploaded files" in texts(at.info)
+    assert "**2 images**" in texts(at.markdown)
