@@ -38,7 +38,7 @@ from padim_core.images import (
 from padim_core.model import DEFAULT_BATCH_SIZE, Padim, Thresholds
 from padim_core.model_file import ModelFileError, load_model, save_model
 from padim_core.mvtec import read_mask, read_test_set
-from padim_core.visualize import draw_outline, overlay
+from padim_core.visualize import add_legend, draw_outline, overlay
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,11 @@ def display_scale(thresholds: Thresholds, scores: Sequence[float]) -> Thresholds
     low = thresholds.score_min if thresholds.score_min is not None else 0.0
     high = thresholds.score_max if thresholds.score_max is not None else max(scores)
     middle = thresholds.image if thresholds.image is not None else (low + high) / 2
-    low, high = min(low, middle), max(high, middle)
+    low = min(low, middle)
+    if thresholds.score_max is None:
+        # No saved range: as much room above the threshold as below it.
+        high = max(high, 2 * middle - low)
+    high = max(high, middle)
     return Thresholds(
         image=middle, pixel=thresholds.pixel, score_min=low, score_max=high
     )
@@ -288,7 +292,7 @@ def _write_overlays(
     )
     size = (padim.config.image_size, padim.config.image_size)
     used: set[str] = set()
-    for (name, _, _), grid in zip(rows, grids):
+    for (name, score, _), grid in zip(rows, grids):
         image = read_image(name)
         raw = anomaly_maps(grid.unsqueeze(0), size)[0].numpy()
         normalized = metrics.normalize_scores(
@@ -297,6 +301,9 @@ def _write_overlays(
         picture = overlay(image, normalized)
         if scale.pixel is not None:
             picture = draw_outline(picture, raw >= scale.pixel)
+        picture = add_legend(
+            picture, scale.score_min, scale.image, scale.score_max, score
+        )
         stem = Path(name).stem
         unique, k = stem, 1
         while unique in used:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 # Anchors of a blue - cyan - yellow - red scale; 0.5 (the threshold) is yellow.
@@ -47,3 +47,38 @@ def draw_outline(
     pixels = np.array(image.convert("RGB"))
     pixels[border] = colour
     return Image.fromarray(pixels)
+
+
+LEGEND_HEIGHT = 28
+
+
+def add_legend(
+    picture: Image.Image, low: float, threshold: float, high: float, score: float
+) -> Image.Image:
+    """Add a strip under ``picture``: the colour scale with its raw values.
+
+    The strip shows the scale from ``low`` (left) through ``threshold``
+    (middle) to ``high`` (right), and the image's ``score``, so an overlay
+    read on its own says what its colours mean.
+    """
+    width = max(picture.width, 240)
+    strip = Image.new("RGB", (width, LEGEND_HEIGHT), (255, 255, 255))
+    ramp = colourize(np.tile(np.linspace(0.0, 1.0, width), (8, 1)))
+    strip.paste(Image.fromarray(ramp), (0, 0))
+    draw = ImageDraw.Draw(strip)
+    draw.text((2, 10), f"{low:.1f}", fill=(0, 0, 0))
+    draw.text((width // 2 - 20, 10), f"thr {threshold:.1f}", fill=(0, 0, 0))
+    label = f"{high:.1f}"
+    draw.text((width - 6 * len(label) - 2, 10), label, fill=(0, 0, 0))
+    draw.line([(width // 2, 0), (width // 2, 8)], fill=(0, 0, 0))
+    framed = Image.new("RGB", (width, picture.height + LEGEND_HEIGHT), (255, 255, 255))
+    framed.paste(picture.convert("RGB"), (0, 0))
+    framed.paste(strip, (0, picture.height))
+    ImageDraw.Draw(framed).text(
+        (4, 4),
+        f"score {score:.1f}",
+        fill=(255, 255, 255),
+        stroke_width=1,
+        stroke_fill=(0, 0, 0),
+    )
+    return framed

@@ -5,9 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from padim_core.cli import main
+from padim_core.cli import display_scale, main
+from padim_core.model import Thresholds
 from padim_core.model_file import load_model
+from padim_core.visualize import LEGEND_HEIGHT
 
 BSDATA = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "bsdata"
 
@@ -88,7 +91,14 @@ def test_predict_writes_csv_and_overlays(model, subset, tmp_path, capsys):
     assert {row["verdict"] for row in rows} <= {"pass", "fail"}
     for row in rows:
         assert (row["verdict"] == "fail") == (float(row["score"]) >= 10)
-    assert len(list(out.glob("*_heatmap.png"))) == 12
+    overlays = sorted(out.glob("*_heatmap.png"))
+    assert len(overlays) == 12
+    # Each overlay keeps the image's size and adds the colour legend below it.
+    originals = {path.stem: path for path in (subset / "test").rglob("*.jpg")}
+    for drawn_path in overlays:
+        original = originals[drawn_path.name.removesuffix("_heatmap.png")]
+        with Image.open(original) as image, Image.open(drawn_path) as drawn:
+            assert drawn.size == (image.width, image.height + LEGEND_HEIGHT)
 
 
 def test_predict_without_threshold_says_so(model, subset, capsys):
@@ -161,3 +171,20 @@ def test_bad_n_features_lists_what_is_allowed(subset, tmp_path, capsys):
     )
     assert status == 2
     assert "choose 1 to 176" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("saved", "scores", "expected"),
+    [
+        (Thresholds(image=30.0), [14.0], (0.0, 30.0, 60.0)),
+        (
+            Thresholds(image=10.0, score_min=2.0, score_max=50.0),
+            [99.0],
+            (2.0, 10.0, 50.0),
+        ),
+        (Thresholds(), [8.0, 20.0], (0.0, 10.0, 20.0)),
+    ],
+)
+def test_display_scale_is_shared_and_centred_on_the_threshold(saved, scores, expected):
+    scale = display_scale(saved, scores)
+    assert (scale.score_min, scale.image, scale.score_max) == expected
