@@ -34,6 +34,7 @@ def batch_page() -> None:
         "batch",
         f"{demo.N_BATCH_GOOD + demo.N_BATCH_DEFECTIVE} cells, good and defective",
         demo.batch_images,
+        model=entry,
     )
     report_skipped(skipped)
     if not items:

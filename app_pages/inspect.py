@@ -43,6 +43,7 @@ def inspect_page() -> None:
         "inspect",
         f"{demo.N_INSPECT_DEFECTIVE} defective and {demo.N_INSPECT_GOOD} good cells",
         demo.inspection_images,
+        model=entry,
     )
     report_skipped(skipped)
     if not items:

@@ -42,7 +42,7 @@ def thresholds_page() -> None:
     st.title("Thresholds")
     show_flash()
     entry = require_model(state.active_model())
-    validation = pick_validation(PAGE)
+    validation = pick_validation(PAGE, entry)
     report_skipped(validation.skipped)
     items = validation.good + validation.defective
     if not items:

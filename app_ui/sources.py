@@ -28,6 +28,7 @@ from app_ui.state import PERSIST
 from padim_core import workspace
 from padim_core.archives import MAX_TOTAL_BYTES, ArchiveError, unpack_zip
 from padim_core.images import IMAGE_EXTENSIONS, Skipped
+from padim_core.workspace import ModelEntry
 
 # What the uploaders accept; anything else never reaches the app.
 UPLOAD_TYPES = sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS) + ["zip"]
@@ -370,11 +371,30 @@ def _forget_replaced(key: str, files: Sequence[UploadedFile]) -> None:
     known[key] = zips
 
 
+def default_source(choices: Sequence[str], model: ModelEntry | None) -> str:
+    """The demo for models fitted on it (or not saying); else the first upload."""
+    if DEMO in choices and state.fitted_on_demo(model) is not False:
+        return DEMO
+    return next(choice for choice in choices if choice != DEMO)
+
+
+def demo_mismatch_note(model: ModelEntry | None) -> None:
+    """Say so when the demo cells are not what ``model`` was fitted on."""
+    if state.fitted_on_demo(model) is False:
+        st.info(
+            "This model was not fitted on the demo's solar cells, so the demo "
+            "images look anomalous to it everywhere. Upload images of the parts "
+            "it was fitted on instead.",
+            icon=":material/info:",
+        )
+
+
 def pick_images(
     key: str,
     demo_label: str,
     demo_paths: Callable[[], Sequence[Path]] | None,
     upload_label: str = "Images of parts",
+    model: ModelEntry | None = None,
 ) -> tuple[list[Item], list[Skipped]]:
     """Let the user take the demo images, or upload files, a zip or a folder.
 
@@ -383,6 +403,8 @@ def pick_images(
         demo_label: What the demo choice holds, in words.
         demo_paths: Returns the demo images; None hides the demo choice.
         upload_label: Label of the uploader.
+        model: The model the images are for; one not fitted on the demo
+            starts on the uploader and warns when the demo is chosen.
 
     Returns:
         The images, and the uploaded files left out with the reason.
@@ -391,12 +413,14 @@ def pick_images(
     choice = st.radio(
         "Images",
         choices,
+        index=choices.index(default_source(choices, model)),
         horizontal=True,
         key=f"{key}_source",
         persist_state=PERSIST,
         captions=[demo_label] * (demo_paths is not None) + ["", ""],
     )
     if choice == DEMO:
+        demo_mismatch_note(model)
         return demo_items(demo_paths()), []
     files = uploader(upload_label, f"{key}_{choice}", folder=choice == FOLDER)
     return upload_items(files)

@@ -16,10 +16,20 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from app_ui.sources import DEMO, FOLDER, Item, demo_items, upload_items, uploader
+from app_ui.sources import (
+    DEMO,
+    FOLDER,
+    Item,
+    default_source,
+    demo_items,
+    demo_mismatch_note,
+    upload_items,
+    uploader,
+)
 from app_ui.state import PERSIST
 from padim_core import demo
 from padim_core.images import ImageError, Skipped, read_image
+from padim_core.workspace import ModelEntry
 
 SEPARATE = "Upload good and defective images"
 MVTEC = "Upload a zip or folder in MVTec layout"
@@ -44,11 +54,17 @@ class Validation:
     skipped: list[Skipped] = field(default_factory=list)
 
 
-def pick_validation(key: str) -> Validation:
-    """Let the user take the demo's validation set or upload a labelled one."""
+def pick_validation(key: str, model: ModelEntry | None = None) -> Validation:
+    """Let the user take the demo's validation set or upload a labelled one.
+
+    A ``model`` not fitted on the demo starts on the uploads, and a note says
+    so when the demo is chosen all the same.
+    """
+    choices = [DEMO, SEPARATE, MVTEC]
     choice = st.radio(
         "Validation images",
-        [DEMO, SEPARATE, MVTEC],
+        choices,
+        index=choices.index(default_source(choices, model)),
         horizontal=True,
         key=f"{key}_source",
         persist_state=PERSIST,
@@ -62,6 +78,7 @@ def pick_validation(key: str) -> Validation:
         ],
     )
     if choice == DEMO:
+        demo_mismatch_note(model)
         good, defective = demo.validation_images()
         return Validation(demo_items(good), demo_items(defective))
     if choice == SEPARATE:

@@ -13,7 +13,7 @@ import pytest
 
 from padim_core import demo, workspace
 from padim_core.model import Padim
-from padim_core.model_file import save_model
+from padim_core.model_file import load_model, save_model
 
 # The small model of these tests.
 BACKBONE = "efficientnet_lite0"
@@ -44,11 +44,35 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def uploaded_model_file(
+    model_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The small model, its info saying it was fitted on uploaded images."""
+    padim = load_model(model_file)
+    padim.metadata["source"] = "upload"
+    path = tmp_path_factory.mktemp("model") / f"parts{workspace.MODEL_SUFFIX}"
+    save_model(padim, path)
+    return path
+
+
+def _activate(root: Path, model: Path) -> workspace.ModelEntry:
+    target = workspace.models_dir(root) / model.name
+    target.parent.mkdir(parents=True)
+    shutil.copy(model, target)
+    workspace.set_active(target.stem, root)
+    return workspace.get_active(root)
+
+
 @pytest.fixture
 def fitted(workspace_root: Path, model_file: Path) -> workspace.ModelEntry:
     """The small model, copied into this test's workspace and made active."""
-    target = workspace.models_dir(workspace_root) / model_file.name
-    target.parent.mkdir(parents=True)
-    shutil.copy(model_file, target)
-    workspace.set_active(target.stem, workspace_root)
-    return workspace.get_active(workspace_root)
+    return _activate(workspace_root, model_file)
+
+
+@pytest.fixture
+def fitted_on_uploads(
+    workspace_root: Path, uploaded_model_file: Path
+) -> workspace.ModelEntry:
+    """A model fitted on uploaded images (not the demo), made active."""
+    return _activate(workspace_root, uploaded_model_file)
