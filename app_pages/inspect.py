@@ -190,6 +190,24 @@ def _show(
         "inside the outline. Drag to zoom (all three panels follow); double-click "
         "to reset."
     )
+    _outline_note(verdict, above, scale.threshold, pixel_threshold)
+
+
+def _outline_note(verdict: str, above: float, image: float, pixel: float) -> None:
+    """Explain an outline that is missing or small because of the thresholds."""
+    if image is None or pixel <= image:
+        return
+    if verdict == "fail" and above == 0:
+        st.caption(
+            f":orange[This part fails, yet nothing is outlined:] the pixel threshold "
+            f"({raw(pixel)}) is higher than the image threshold ({raw(image)}), so "
+            "no pixel of the map reaches it although the score does."
+        )
+        return
+    st.caption(
+        f"The pixel threshold ({raw(pixel)}) is higher than the image threshold "
+        f"({raw(image)}): a failing part may show a small outline, or none."
+    )
 
 
 def _pick_row() -> None:

@@ -73,3 +73,23 @@ def test_a_damaged_active_model_is_reported_not_raised(fitted):
 
     assert not at.exception
     assert "cannot be used" in texts(at.error)
+
+
+def test_a_fail_without_outline_says_the_pixel_threshold_is_higher(fitted):
+    at = open_page("inspect")
+    by_label(at.toggle, "Pixel threshold = image threshold").set_value(False).run()
+    pixel = by_label(at.slider, "Pixel threshold")
+    pixel.set_value(pixel.max).run()
+    by_label(at.slider, "Image threshold").set_value(0.0).run()
+
+    assert_clean(at)
+    assert "FAIL" in texts(at.markdown) or at.get("badge")
+    assert "fails, yet nothing is outlined" in texts(at.caption)
+    assert "higher than the image threshold" in texts(at.caption)
+
+
+def test_equal_thresholds_need_no_outline_note(fitted):
+    at = open_page("inspect")
+
+    assert_clean(at)
+    assert "higher than the image threshold" not in texts(at.caption)
