@@ -11,9 +11,9 @@ from app_ui.sources import Item, pick_images
 from app_ui.state import PERSIST
 from app_ui.thresholding import (
     describe_score,
+    model_slider_range,
     pixel_control,
     save_buttons,
-    slider_range,
     threshold_slider,
     to_save,
 )
@@ -84,9 +84,7 @@ def _controls(entry: ModelEntry, scored: Scored) -> tuple[float, float, float]:
             "median score of these images. Set one on the Thresholds page."
         )
     fallback = float(np.median(scored.scores))
-    top, step = slider_range(
-        scored.scores.max(), working.image, working.pixel, working.score_max
-    )
+    top, step = model_slider_range(entry, scored.scores)
     left, middle, right = st.columns(3)
     with left:
         image = threshold_slider(entry, "image", "inspect", top, step, fallback)

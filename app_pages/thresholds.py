@@ -11,10 +11,10 @@ from app_ui.figures import histogram_figure, pr_figure, roc_figure
 from app_ui.scoring import Scale, Scored, maps_from_distances, score_items, verdicts
 from app_ui.state import PERSIST
 from app_ui.thresholding import (
+    model_slider_range,
     pixel_control,
     save_buttons,
     set_threshold,
-    slider_range,
     threshold_slider,
 )
 from app_ui.validation import Validation, mask_stack, pick_validation
@@ -89,8 +89,7 @@ def _image_threshold(entry: ModelEntry, scored: Scored, labels: np.ndarray) -> f
         hint = f"F1-optimal threshold on these images: {raw(suggested)} (F1 {f1:.3f})."
     else:
         suggested, hint = _percentile_suggestion(good)
-    working = state.working_thresholds(entry)
-    top, step = slider_range(scores.max(), working.image, suggested)
+    top, step = model_slider_range(entry, scores)
     left, right = st.columns([3, 1], vertical_alignment="center")
     with left:
         image = threshold_slider(entry, "image", PAGE, top, step, suggested)
@@ -210,8 +209,7 @@ def _pixel_slider(
     entry: ModelEntry, scored: Scored, found: dict, n_masks: int
 ) -> float:
     suggested = found["suggested"]
-    working = state.working_thresholds(entry)
-    top, step = slider_range(scored.scores.max(), working.pixel, suggested)
+    top, step = model_slider_range(entry, scored.scores)
     left, right = st.columns([3, 1], vertical_alignment="center")
     with left:
         pixel = threshold_slider(entry, "pixel", PAGE, top, step, suggested)
@@ -243,8 +241,7 @@ def _pixel_without_masks(entry: ModelEntry, scored: Scored, image: float) -> flo
         "the image threshold: a part fails exactly when the outline encloses "
         "something. Judge it by eye on the Inspect page, or add masks here."
     )
-    working = state.working_thresholds(entry)
-    top, step = slider_range(scored.scores.max(), working.pixel, image)
+    top, step = model_slider_range(entry, scored.scores)
     return pixel_control(entry, PAGE, top, step, image)
 
 

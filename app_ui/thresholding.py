@@ -20,10 +20,11 @@ from app_ui.widgets import escape_markdown, flash, raw
 from padim_core.model import Thresholds
 from padim_core.workspace import ModelEntry, save_thresholds
 
-# The slider reaches this far above the largest value it must show.
-HEADROOM = 1.25
+# A slider reaches this far above the largest value it must show: room to
+# try a stricter threshold, without scores bunched at the left end.
+HEADROOM = 1.5
 
-# Slider steps per full range.
+# Slider steps per full range, about.
 STEPS = 1000
 
 # How a change of each saved value is named to the user.
@@ -52,11 +53,34 @@ def nice_ceiling(value: float) -> float:
     return 10 * power
 
 
+def round_up(value: float) -> float:
+    """``value`` rounded up to two significant digits: 322.5 -> 330."""
+    if value <= 0 or not math.isfinite(value):
+        return 1.0
+    unit = 10 ** (math.floor(math.log10(value)) - 1)
+    return math.ceil(round(value / unit, 9)) * unit
+
+
 def slider_range(*values: float | None) -> tuple[float, float]:
-    """(top, step) for a slider from 0 that shows every one of ``values``."""
+    """(top, step) of a slider from 0 that shows every one of ``values``.
+
+    The top is :data:`HEADROOM` times the largest value, rounded up to two
+    significant digits; the step a round number near 1/:data:`STEPS` of it.
+    """
     known = [v for v in values if v is not None and math.isfinite(v)]
-    top = nice_ceiling(max(known, default=1.0) * HEADROOM)
-    return top, nice_ceiling(top / STEPS) / 2 if top >= 1 else top / STEPS
+    top = round_up(HEADROOM * max(known, default=1.0 / HEADROOM))
+    return top, nice_ceiling(top / STEPS)
+
+
+def model_slider_range(entry: ModelEntry, scores: np.ndarray) -> tuple[float, float]:
+    """(top, step) of every threshold slider of ``entry``, on every page.
+
+    One rule for all pages: the model's normalising range, the highest score
+    seen this session and the thresholds being tried.
+    """
+    highest = state.note_scores(entry, float(np.max(scores, initial=0.0)))
+    working = state.working_thresholds(entry)
+    return slider_range(working.score_max, highest, working.image, working.pixel)
 
 
 def threshold_slider(
