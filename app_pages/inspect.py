@@ -237,7 +237,10 @@ def _table(scored: Scored, found: list[str], scale: Scale) -> None:
                 ),
             },
         )
-        st.caption("Click a row to show that image; click a header to sort.")
+        st.caption(
+            "Tick the box at the start of a row to show that image; click a header "
+            "to sort."
+        )
 
 
 inspect_page()

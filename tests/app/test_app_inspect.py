@@ -93,3 +93,11 @@ def test_equal_thresholds_need_no_outline_note(fitted):
 
     assert_clean(at)
     assert "higher than the image threshold" not in texts(at.caption)
+
+
+def test_the_table_caption_names_the_checkbox_that_selects(fitted):
+    at = open_page("inspect")
+
+    assert_clean(at)
+    assert "Tick the box at the start of a row" in texts(at.caption)
+    assert "Click a row" not in texts(at.caption)
