@@ -16,6 +16,7 @@ from app_ui.thresholding import (
     save_buttons,
     set_threshold,
     threshold_slider,
+    to_save,
 )
 from app_ui.validation import Validation, mask_stack, pick_validation
 from app_ui.widgets import (
@@ -47,6 +48,7 @@ def thresholds_page() -> None:
     items = validation.good + validation.defective
     if not items:
         st.info("Choose validation images: good ones at least, defective ones too.")
+        _save_unsaved(entry)
         return
     scored = score_items(entry, items, state.device(), "Scoring validation images")
     report_skipped(scored.skipped, "images")
@@ -66,6 +68,19 @@ def thresholds_page() -> None:
     )
     save_buttons(entry, Thresholds(image, pixel, low, high), PAGE)
     _score_table(scored, labels, Scale(low, image, high))
+
+
+def _save_unsaved(entry: ModelEntry) -> None:
+    """Save or revert thresholds tried on another page, without images here."""
+    working = state.working_thresholds(entry)
+    if not state.thresholds_changed(entry) or working.image is None:
+        return
+    st.subheader("Save")
+    st.caption(
+        f"Unsaved thresholds from another page: image {raw(working.image)}, pixel "
+        f"{raw(working.pixel)}."
+    )
+    save_buttons(entry, to_save(entry, working.image, working.pixel), PAGE)
 
 
 def validation_range(

@@ -77,3 +77,24 @@ def test_an_mvtec_zip_with_masks_gives_pixel_metrics(fitted):
     assert 0.0 <= float(metric(at, "Pixel AUROC")) <= 1.0
     assert 0.0 <= float(metric(at, "AUPRO")) <= 1.0
     assert "outside the test/ folder" in texts(at.dataframe)
+
+
+def test_thresholds_from_inspect_can_be_saved_here_without_images(fitted):
+    at = open_page("inspect")
+    by_label(at.slider, "Image threshold").set_value(12.5).run()
+    at.switch_page("app_pages/thresholds.py").run()
+    at.radio(key="thresholds_source").set_value(SEPARATE).run()
+
+    assert_clean(at)
+    assert by_label(at.button, "Revert to saved").disabled is False
+    by_label(at.button, "Save to model").click().run()
+    assert_clean(at)
+    assert workspace.describe(fitted.path).thresholds.image == 12.5
+
+
+def test_without_images_or_changes_there_is_nothing_to_save(fitted):
+    at = open_page("thresholds")
+    at.radio(key="thresholds_source").set_value(SEPARATE).run()
+
+    assert_clean(at)
+    assert not [b for b in at.button if b.label.startswith("Save to model")]
