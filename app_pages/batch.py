@@ -9,7 +9,9 @@ from app_ui.scoring import Scale, Scored, scale_of, score_items, verdicts
 from app_ui.sources import Item, pick_images
 from app_ui.state import PERSIST
 from app_ui.widgets import (
+    NORMALISED_FORMAT,
     escape_markdown,
+    normalised,
     raw,
     report_skipped,
     require_model,
@@ -132,7 +134,7 @@ def _table(frame: pd.DataFrame) -> None:
             "path": st.column_config.TextColumn("image"),
             "score": st.column_config.NumberColumn("score (raw)", format="%.2f"),
             "normalised_score": st.column_config.ProgressColumn(
-                "normalised", min_value=0.0, max_value=1.0, format="%.3f"
+                "normalised", min_value=0.0, max_value=1.0, format=NORMALISED_FORMAT
             ),
             "verdict": st.column_config.TextColumn("verdict"),
         },
@@ -184,7 +186,7 @@ def _gallery(
             st.image(picture, width="stretch")
             st.caption(
                 f"**{row.verdict.upper()}** · {escape_markdown(item.name)} · "
-                f"{raw(row.score)} raw · {row.normalised_score:.2f}"
+                f"{raw(row.score)} raw · {normalised(row.normalised_score)}"
             )
 
 

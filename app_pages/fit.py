@@ -171,7 +171,7 @@ def _others_running(own: FitJob | None) -> None:
 
 
 def _backbone_label(name: str) -> str:
-    return f"{name} — {BACKBONES[name].weights_source}"
+    return name + ("" if name != DEFAULT_BACKBONE else " (default)")
 
 
 def _layer_label(spec, layer: str) -> str:
@@ -181,9 +181,10 @@ def _layer_label(spec, layer: str) -> str:
 
 def _new_form(items: list[Item], root, busy: bool) -> FitRequest | None:
     """Settings of a new model; returns a request when the user starts it."""
-    left, middle, right = st.columns(3)
+    # Backbone and layers get a row of their own: their labels are long.
+    first, second = st.columns([2, 3])
     names = list(BACKBONES)
-    backbone = left.selectbox(
+    backbone = first.selectbox(
         "Backbone",
         names,
         index=names.index(DEFAULT_BACKBONE),
@@ -192,7 +193,8 @@ def _new_form(items: list[Item], root, busy: bool) -> FitRequest | None:
         format_func=_backbone_label,
     )
     spec = BACKBONES[backbone]
-    layers = middle.multiselect(
+    first.caption(f"Weights: {spec.weights_source}")
+    layers = second.multiselect(
         "Layers",
         list(spec.layers),
         default=list(spec.default_layers),
@@ -201,7 +203,8 @@ def _new_form(items: list[Item], root, busy: bool) -> FitRequest | None:
         format_func=lambda layer: _layer_label(spec, layer),
     )
     available = spec.channels(layers) if layers else 1
-    n_features = right.number_input(
+    left, middle, right = st.columns(3)
+    n_features = left.number_input(
         "Random channels kept (n_features)",
         1,
         available,
@@ -210,7 +213,7 @@ def _new_form(items: list[Item], root, busy: bool) -> FitRequest | None:
         persist_state=PERSIST,
         help=f"1 to {available} for these layers; more is slower and larger.",
     )
-    image_size = left.selectbox(
+    image_size = middle.selectbox(
         "Image size",
         IMAGE_SIZES,
         index=IMAGE_SIZES.index(DEFAULT_IMAGE_SIZE),
@@ -218,7 +221,7 @@ def _new_form(items: list[Item], root, busy: bool) -> FitRequest | None:
         key="fit_image_size",
         persist_state=PERSIST,
     )
-    with middle:
+    with right:
         name = _name_field(items, root)
     seed, batch_size, hold_out, pre_trained = _more_settings(backbone)
     config = {

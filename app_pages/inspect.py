@@ -18,6 +18,7 @@ from app_ui.thresholding import (
     to_save,
 )
 from app_ui.widgets import (
+    NORMALISED_FORMAT,
     escape_markdown,
     raw,
     report_skipped,
@@ -233,7 +234,7 @@ def _table(scored: Scored, found: list[str], scale: Scale) -> None:
             column_config={
                 "score": st.column_config.NumberColumn("score (raw)", format="%.2f"),
                 "normalised": st.column_config.ProgressColumn(
-                    "normalised", min_value=0.0, max_value=1.0, format="%.2f"
+                    "normalised", min_value=0.0, max_value=1.0, format=NORMALISED_FORMAT
                 ),
             },
         )

@@ -27,7 +27,15 @@ def models_page() -> None:
     entries = workspace.list_models(root)
     active = workspace.get_active(root)
     if entries:
-        st.dataframe(models_frame(entries, active), hide_index=True)
+        st.dataframe(
+            models_frame(entries, active),
+            hide_index=True,
+            width="stretch",
+            column_config={
+                "active": st.column_config.TextColumn("active", width="small"),
+                "created": st.column_config.TextColumn("created", width="medium"),
+            },
+        )
         _actions(entries, active, root)
     else:
         st.info("No models yet: fit one on the Fit page, or upload a model file.")

@@ -20,6 +20,7 @@ from app_ui.thresholding import (
 )
 from app_ui.validation import Validation, mask_stack, pick_validation
 from app_ui.widgets import (
+    NORMALISED_FORMAT,
     percent,
     raw,
     report_skipped,
@@ -276,7 +277,7 @@ def _score_table(scored: Scored, labels: np.ndarray, scale: Scale) -> None:
             hide_index=True,
             column_config={
                 "score": st.column_config.NumberColumn("score (raw)", format="%.2f"),
-                "normalised": st.column_config.NumberColumn(format="%.3f"),
+                "normalised": st.column_config.NumberColumn(format=NORMALISED_FORMAT),
             },
         )
 

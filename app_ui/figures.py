@@ -32,6 +32,11 @@ PANEL_HEIGHT = 320
 STACK_ASPECT = 1.6
 STACKED_WIDTH = 900
 
+# Room above the panels of the inspection figure: the modebar sits in the top
+# 30 px, so the panel titles go below it (on square images the "Outline"
+# title would otherwise hide behind it).
+MODEBAR_ROOM = 64
+
 GOOD_COLOUR = "#2e7d32"
 DEFECT_COLOUR = "#c62828"
 THRESHOLD_COLOUR = "#f9a825"
@@ -182,8 +187,8 @@ def _image_axes(fig: go.Figure, size: tuple[int, int], stacked: bool) -> None:
     else:
         panels = np.clip(PANEL_HEIGHT * height / width, 160, 720)
     fig.update_layout(
-        height=int(panels) + 130,
-        margin={"l": 0, "r": 0, "t": 30, "b": 100},
+        height=int(panels) + 100 + MODEBAR_ROOM,
+        margin={"l": 0, "r": 0, "t": MODEBAR_ROOM, "b": 100},
         dragmode="zoom",
     )
 

@@ -16,7 +16,7 @@ import streamlit as st
 from app_ui import state
 from app_ui.scoring import Scale, scale_of
 from app_ui.state import PERSIST
-from app_ui.widgets import escape_markdown, flash, raw
+from app_ui.widgets import escape_markdown, flash, normalised, raw
 from padim_core.model import Thresholds
 from padim_core.workspace import ModelEntry, save_thresholds
 
@@ -200,4 +200,4 @@ def save_buttons(entry: ModelEntry, thresholds: Thresholds, page: str) -> None:
 
 def describe_score(score: float, scale: Scale) -> str:
     """``412.31 raw · 0.83 normalised``."""
-    return f"{raw(score)} raw · {float(scale.normalize(score)):.2f} normalised"
+    return f"{raw(score)} raw · {normalised(scale.normalize(score))} normalised"

@@ -89,6 +89,15 @@ def raw(value: float | None) -> str:
     return f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
+# printf format of a normalised score in tables; :func:`normalised` agrees.
+NORMALISED_FORMAT = "%.2f"
+
+
+def normalised(value: float) -> str:
+    """A normalised score (0 to 1, threshold at 0.5), as every page shows it."""
+    return NORMALISED_FORMAT % float(value)
+
+
 def percent(value: float) -> str:
     """A rate as a percentage; ``n/a`` when undefined."""
     return "n/a" if not math.isfinite(value) else f"{100 * value:.1f} %"
