@@ -254,10 +254,17 @@ class RunningGaussian:
             self._scatter.baddbmm_(deviation.mT, deviation)
             return
         edges = [round(i * c / PANELS) for i in range(PANELS + 1)]
-        for low, high in itertools.pairwise(edges):
-            self._scatter[:, low:high, low:].baddbmm_(
-                deviation[:, :, low:high].mT, deviation[:, :, low:]
-            )
+
+        def add(chunk: slice) -> None:
+            block, part = self._scatter[chunk], deviation[chunk]
+            for low, high in itertools.pairwise(edges):
+                block[:, low:high, low:].baddbmm_(
+                    part[:, :, low:high].mT, part[:, :, low:]
+                )
+
+        # Products into strided panels are per-matrix BLAS calls: in workers,
+        # like the factorisations, so that threads never wait on each other.
+        _map_in_workers(add, self._chunks())
         self._lower_stale = True
 
     def _complete(self) -> None:
