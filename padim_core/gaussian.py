@@ -16,6 +16,7 @@ the scatter's upper triangle only, so recovering it changes no result.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import threading
@@ -92,6 +93,16 @@ def positions_first(embedding: Tensor) -> Tensor:
     return copy.copy_(flat).view(h * w, n, c)
 
 
+@functools.cache
+def _thread_counts_are_per_thread() -> bool:
+    """Whether ``torch.set_num_threads`` in one thread leaves the others alone.
+
+    True for the OpenMP backend of the standard builds; with the native
+    backend it would change the whole process, so workers are not used.
+    """
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 def _map_in_workers(
     function: Callable[[slice], object], chunks: Iterable[slice]
 ) -> list:
@@ -102,7 +113,7 @@ def _map_in_workers(
     a busy machine costs up to 100x; whole chunks per thread never wait.
     """
     workers = torch.get_num_threads()
-    if workers == 1:
+    if workers == 1 or not _thread_counts_are_per_thread():
         return [function(chunk) for chunk in chunks]
     with ThreadPoolExecutor(
         workers, "linalg", initializer=torch.set_num_threads, initargs=(1,)

@@ -119,6 +119,7 @@ def test_worker_threads_give_the_same_distances(threads):
         torch.set_num_threads(threads)
         results = [_fit(train, 8).to_gaussian(lend=lend) for lend in (False, True)]
         distances = [result.mahalanobis(test) for result in results]
+        assert torch.get_num_threads() == threads  # workers change only their own
     finally:
         torch.set_num_threads(before)
     expected = _plain_distances(train.numpy(), test.numpy())
