@@ -175,8 +175,11 @@ def _backbone_label(name: str) -> str:
 
 
 def _layer_label(spec, layer: str) -> str:
+    """``layer1 · stride 4 · 64 ch``; short, so that three tags fit the box."""
     stride, channels = spec.layers[layer]
-    return f"{layer} (stride {stride}, {channels} channels)"
+    if layer == f"stride{stride}":  # the name already says it
+        return f"{layer} · {channels} ch"
+    return f"{layer} · stride {stride} · {channels} ch"
 
 
 def _new_form(items: list[Item], root, busy: bool) -> FitRequest | None:

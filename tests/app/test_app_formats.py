@@ -63,3 +63,12 @@ def test_the_models_table_gives_the_created_column_room(fitted):
     assert_clean(at)
     config = json.loads(at.dataframe[0].proto.columns)
     assert config["created"]["width"] == "medium"
+
+
+def test_layer_tags_are_short_enough_for_three_in_a_row(workspace_root):
+    at = open_page("fit")
+
+    assert_clean(at)
+    layers = by_label(at.multiselect, "Layers")
+    assert len(layers.value) == 3
+    assert all(len(layers.format_func(layer)) <= 20 for layer in layers.value)
