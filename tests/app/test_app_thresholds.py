@@ -98,3 +98,18 @@ def test_without_images_or_changes_there_is_nothing_to_save(fitted):
 
     assert_clean(at)
     assert not [b for b in at.button if b.label.startswith("Save to model")]
+
+
+def test_validation_uploads_survive_a_visit_to_another_page(fitted):
+    good, defective = demo.validation_images()
+    at = open_page("thresholds")
+    at.radio(key="thresholds_source").set_value(SEPARATE).run()
+    at.file_uploader(key="thresholds_good").set_value(demo_uploads(good[:3])).run()
+    at.file_uploader(key="thresholds_bad").set_value(demo_uploads(defective[:2])).run()
+    at.switch_page("app_pages/batch.py").run()
+    at.switch_page("app_pages/thresholds.py").run()
+
+    assert_clean(at)
+    assert "Using 3 uploaded files" in texts(at.info)
+    assert "Using 2 uploaded files" in texts(at.info)
+    assert metric(at, "Escape rate") != "n/a"
