@@ -524,17 +524,22 @@ class Gaussian:
                 f"Gaussian's {self.mean.shape[0]} positions x {self.mean.shape[1]} "
                 "channels"
             )
-        deviation = positions_first(embedding) - self.mean.unsqueeze(1)
+        x = positions_first(embedding)
         if self.inv_covariance is not None:
+            deviation = x - self.mean.unsqueeze(1)
             weighted = torch.bmm(deviation, self.inv_covariance)  # (P, N, C)
             squared = weighted.mul_(deviation).sum(dim=2)
         else:
-            squared = self._squared_by_factor(deviation)
+            squared = self._squared_by_factor(x)
         return squared.clamp_(min=0).sqrt_().T.reshape(n, h, w)
 
-    def _squared_by_factor(self, deviation: Tensor) -> Tensor:
-        """``|L^-1 d|^2 = d^T (L L^T)^-1 d`` for deviations (P, N, C), as (P, N)."""
-        positions = deviation.shape[0]
+    def _squared_by_factor(self, x: Tensor) -> Tensor:
+        """``|L^-1 d|^2 = d^T (L L^T)^-1 d`` for embeddings (P, N, C), as (P, N).
+
+        Each worker takes its deviations ``d = x - mean`` chunk by chunk, so
+        no deviation tensor as large as the embedding is allocated.
+        """
+        positions = x.shape[0]
         step = -(-positions // (4 * torch.get_num_threads()))
         chunks = [slice(i, i + step) for i in range(0, positions, step)]
         with self.guard or contextlib.nullcontext():
@@ -546,10 +551,11 @@ class Gaussian:
                 )
 
             def solve(chunk: slice) -> Tensor:
+                deviation = x[chunk] - self.mean[chunk].unsqueeze(1)
                 # Rows of X with X L^T = D are L^-1 d; L^T is read as upper.
                 solved = torch.linalg.solve_triangular(
-                    factor[chunk].mT, deviation[chunk], upper=True, left=False
+                    factor[chunk].mT, deviation, upper=True, left=False
                 )
-                return solved.square().sum(dim=2)
+                return solved.square_().sum(dim=2)
 
             return torch.cat(_map_in_workers(solve, chunks))
