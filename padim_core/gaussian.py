@@ -63,16 +63,19 @@ def all_finite(tensor: Tensor) -> bool:
     """Whether ``tensor`` holds no NaN or infinity, in one pass without copies.
 
     ``torch.isfinite`` would allocate temporaries as large as the tensor, 5 GB
-    for a wide_resnet50_2 scatter, and run 10x slower; the smallest and
-    largest values are finite exactly when all are (NaN propagates to both).
+    for a wide_resnet50_2 scatter, and run 10x slower. A NaN or infinity makes
+    the sum NaN or infinite; only a sum that overflowed needs a second look,
+    at the smallest and largest values.
     """
     if tensor.numel() == 0 or not tensor.is_floating_point():
         return True
-    # Reduce in memory order: a permuted view reduces several times slower.
+    # Reduce in memory order: a permuted view reduces up to 30x slower.
     order = sorted(range(tensor.ndim), key=lambda axis: -tensor.stride(axis))
-    lying = tensor.permute(order)
-    if lying.is_contiguous():
-        tensor = lying.view(-1)
+    tensor = tensor.permute(order)
+    if tensor.is_contiguous():
+        tensor = tensor.view(-1)
+    if torch.isfinite(tensor.sum()):
+        return True
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) and torch.isfinite(high))
 
@@ -153,6 +156,8 @@ class RunningGaussian:
         # the scatter; the first ``_waiting`` images of the buffer are used.
         self._pending: Tensor | None = None
         self._waiting = 0
+        self._reserved: Tensor | None = None
+        self._reserved_waits = False
 
     @classmethod
     def empty(cls, positions: int, channels: int) -> RunningGaussian:
@@ -166,7 +171,7 @@ class RunningGaussian:
 
     def __getstate__(self) -> dict:
         self._settle()
-        state = dict(self.__dict__, _pending=None)
+        state = dict(self.__dict__, _pending=None, _reserved=None)
         del state["_lock"]
         return state
 
@@ -221,16 +226,32 @@ class RunningGaussian:
                 f"embedding of shape {tuple(embedding.shape)} does not match "
                 f"statistics for {self.positions} positions x {self.channels} channels"
             )
-        x = positions_first(embedding)
+        self.reserve(n).copy_(positions_first(embedding))
+        self.commit()
+
+    def reserve(self, n: int) -> Tensor:
+        """Room for the embeddings of ``n`` images, float32 (P, n, C).
+
+        Write them there, then call :meth:`commit`; saves :meth:`update` a
+        copy. Another call to ``reserve`` drops an uncommitted room.
+        """
+        self._take_back()
+        self._reserved, self._reserved_waits = self._waiting_room(n)
+        return self._reserved
+
+    def commit(self) -> None:
+        """Add the embeddings written into the last :meth:`reserve` room."""
+        if self._reserved is None:
+            raise RuntimeError("nothing reserved to commit")
+        deviation, n = self._reserved, self._reserved.shape[1]
+        self._reserved = None
         if self.count == 0:
             # Centre on the first batch so later sums stay small and exact.
-            self.shift = x.mean(dim=1)
-        self._take_back()
-        deviation, waits = self._waiting_room(n)
-        torch.sub(x, self.shift.unsqueeze(1), out=deviation)
+            self.shift = deviation.mean(dim=1)
+        deviation -= self.shift.unsqueeze(1)
         self.sum += deviation.sum(dim=1)
         self.count += n
-        if waits:
+        if self._reserved_waits:
             self._waiting += n
         else:
             self._add_products(deviation)

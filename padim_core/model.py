@@ -81,14 +81,21 @@ def _is_repeat(source: Tensor, size: int) -> bool:
 
 
 def _pick_batch_inner(features: Tensor, channels: Tensor) -> Tensor:
-    """``channels`` of features (N, C, h, w) as a new contiguous (h, w, N, c).
+    """``channels`` of features (N, C, h, w), as (h, w, N, c) with c contiguous.
 
-    Whole rows of the (N * C, h * w) matrix are gathered, then transposed
-    once: 8x faster than selecting on axis 1, 3x faster than permuting axes.
+    Channels-last features, which images from :func:`to_tensor` give, are
+    picked as columns of (N * h * w, C) and only viewed in the new order.
+    Otherwise whole rows of (N * C, h * w) are gathered and transposed once:
+    8x faster than selecting on axis 1, 3x faster than permuting axes.
     """
     n, total, h, w = features.shape
+    channels = channels.to(features.device)
+    if features.is_contiguous(memory_format=torch.channels_last) and total > 1:
+        flat = features.permute(0, 2, 3, 1).reshape(n * h * w, total)
+        picked = flat.index_select(1, channels).view(n, h, w, len(channels))
+        return picked.permute(1, 2, 0, 3)
     offsets = torch.arange(n, device=features.device)[:, None] * total
-    rows = (offsets + channels.to(features.device)).reshape(-1)
+    rows = (offsets + channels).reshape(-1)
     picked = features.reshape(n * total, h * w).index_select(0, rows)
     return picked.T.contiguous().view(h, w, n, len(channels))
 
@@ -206,18 +213,28 @@ class PadimModel(nn.Module):
         distances = self.patch_distances(self.generate_embedding(features))
         return anomaly_map.anomaly_maps(distances, tuple(images.shape[-2:]))
 
-    def generate_embedding(self, features: dict[str, Tensor]) -> Tensor:
+    def generate_embedding(
+        self, features: dict[str, Tensor], out: Tensor | None = None
+    ) -> Tensor:
         """Concatenate the chosen channels on the finest grid, (N, C, h, w).
 
         Channels are picked before upsampling, which gives the same result as
         upsampling every channel first, at a fraction of the cost. The result
         is a view of an (h, w, N, C) tensor, the layout the Gaussian reads, so
         each layer is transposed once, on its own grid, before upsampling.
+
+        Args:
+            features: Feature maps by layer, as the feature extractor gives.
+            out: Where to write, float32 (h, w, N, C); a new tensor if None.
         """
         spec = get_spec(self.config.backbone)
         first = features[self.config.layers[0]]
         n, height, width = first.shape[0], first.shape[2], first.shape[3]
-        out = first.new_empty(height, width, n, self.config.n_features)
+        shape = (height, width, n, self.config.n_features)
+        if out is None:
+            out = first.new_empty(shape)
+        elif tuple(out.shape) != shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
         offset, start = 0, 0
         for layer in self.config.layers:
             channels = spec.layers[layer][1]
@@ -331,24 +348,35 @@ class Padim:
     def embed(self, images: Tensor) -> Tensor:
         """Embeddings (N, C, h, w) of normalised images (N, 3, H, W)."""
         features = self.model.feature_extractor(images.to(self.device))
-        embedding = self.model.generate_embedding(features)
+        return self._embedding(features)
+
+    def _embedding(
+        self, features: dict[str, Tensor], out: Tensor | None = None
+    ) -> Tensor:
+        embedding = self.model.generate_embedding(features, out)
         if not all_finite(embedding):
             raise ValueError(
                 "the backbone gave NaN or infinite features; its weights are damaged"
             )
         return embedding
 
+    @torch.no_grad()
     def partial_fit(self, images: Tensor) -> None:
-        """Add a batch of normalised good images (N, 3, H, W) to the statistics."""
+        """Add a batch of normalised good images (N, 3, H, W) to the statistics.
+
+        The embeddings are written straight into the statistics' own buffer.
+        """
         self._check_input(images)
-        embedding = self.embed(images)
+        features = self.model.feature_extractor(images.to(self.device))
+        h, w = features[self.config.layers[0]].shape[-2:]
         if self.stats is None:
-            _, c, h, w = embedding.shape
-            self.stats = RunningGaussian.empty(h * w, c)
+            self.stats = RunningGaussian.empty(h * w, self.config.n_features)
             self.stats.shift = self.stats.shift.to(self.device)
             self.stats.sum = self.stats.sum.to(self.device)
             self.stats.scatter = self.stats.scatter.to(self.device)
-        self.stats.update(embedding)
+        room = self.stats.reserve(len(images))
+        self._embedding(features, out=room.unflatten(0, (h, w)))
+        self.stats.commit()
         self.model.gaussian = None
 
     def finalize(self) -> Padim:

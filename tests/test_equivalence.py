@@ -270,7 +270,7 @@ def test_deviations_waiting_for_the_scatter_count_everywhere(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("value", [0.0, math.nan, math.inf, -math.inf, 3e38])
+@pytest.mark.parametrize("value", [0.0, math.nan, math.inf, -math.inf, 3e38, -3e38])
 def test_all_finite_agrees_with_isfinite(dtype, value):
     tensor = torch.randn(4, 5, 6).to(dtype)
     tensor[2, 3, 1] = value
@@ -280,10 +280,12 @@ def test_all_finite_agrees_with_isfinite(dtype, value):
 
 @pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
 @pytest.mark.parametrize("size", [64, 100, 45])
-def test_embedding_equals_upsampling_every_channel_first(backbone, size):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_embedding_equals_upsampling_every_channel_first(backbone, size, layout):
     torch.manual_seed(0)
     padim = Padim(backbone, pre_trained=False, n_features=30, image_size=size)
     images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(7))
+    images = images.contiguous(memory_format=layout)  # to_tensor gives channels-last
     with torch.no_grad():
         embedding = padim.model.generate_embedding(
             padim.model.feature_extractor(images)
@@ -292,3 +294,33 @@ def test_embedding_equals_upsampling_every_channel_first(backbone, size):
     assert torch.equal(
         gaussian.positions_first(embedding), embedding.flatten(2).permute(2, 0, 1)
     )
+
+
+def test_an_uncommitted_room_is_dropped_and_commit_needs_a_room():
+    embedding = _embeddings(12, c=8)
+    stats = _fit(embedding[:6], 3)
+    stats.reserve(2).fill_(1e6)  # abandoned, as when features are not finite
+    stats.update(embedding[6:])
+    whole = _fit(embedding, 12).covariance()
+    torch.testing.assert_close(stats.covariance(), whole, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="nothing reserved"):
+        stats.commit()
+
+
+def test_embedding_written_into_a_given_buffer():
+    torch.manual_seed(0)
+    padim = Padim("resnet18", pre_trained=False, n_features=10, image_size=64)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        features = padim.model.feature_extractor(images)
+    out = torch.empty(16, 16, 2, 10)
+    embedding = padim.model.generate_embedding(features, out=out)
+    assert embedding.data_ptr() == out.data_ptr()
+    assert torch.equal(embedding, _plain_embedding(padim, images))
+    with pytest.raises(ValueError, match=r"expected \(16, 16, 2, 10\)"):
+        padim.model.generate_embedding(features, out=torch.empty(16, 16, 3, 10))
+
+
+def test_all_finite_survives_a_sum_that_overflows():
+    assert gaussian.all_finite(torch.full((3, 4), 3e38))
+    assert not gaussian.all_finite(torch.tensor([3e38, 3e38, math.nan]))
