@@ -3,15 +3,16 @@
     .venv/bin/python bench/benchmark.py --out results/benchmark.md
     .venv/bin/python bench/benchmark.py --quick
 
-For each configuration and number of training images, a fresh process
-warms the backbone up on one batch, then times:
+For each configuration and number of training images, fresh processes warm
+the backbone up on one batch, then time:
 
 - floor: the training images decoded and resized batch by batch (timed
   apart), each batch run through the bare feature extractor to the deepest
-  layer used; once before the fit and once after, and the two averaged, so
-  that a change in machine load during the fit shows in both;
-- fit: ``Padim.fit`` on the image files, decoding included, with the peak
-  resident memory of the fit alone (the peak is reset before it).
+  layer used; once in its own process just before the fit and once right
+  after the fit, averaged, so that a change in machine load shows in both;
+- fit: ``Padim.fit`` on the image files, decoding included, and the peak
+  resident memory of that process, which has done nothing but one warm-up
+  batch before.
 
 A saved model is then loaded in fresh processes, which score decoded test
 images in batches and one at a time (the app's case), alternating with the
@@ -163,17 +164,29 @@ def floor_pass(extractor, paths: list[Path], batch_size: int) -> tuple[float, fl
     return decode_s, forward_s
 
 
+def case_floor(config: Config, count: int, batch_size: int, data: Path) -> dict:
+    """The floor on ``count`` training images, after a warm-up batch."""
+    extractor = build_padim(config).model.feature_extractor
+    paths = image_paths(data / "train" / "good", count)
+    floor_pass(extractor, paths[:batch_size], batch_size)  # warm-up
+    decode_s, floor_s = floor_pass(extractor, paths, batch_size)
+    return {"decode_s": decode_s, "floor_s": floor_s}
+
+
 def case_fit(
     config: Config, count: int, batch_size: int, data: Path, save: str | None
 ) -> dict:
-    """Floor, ``Padim.fit`` and floor again on ``count`` images; maybe save."""
+    """``Padim.fit`` on ``count`` images with its peak, then the floor; maybe save.
+
+    The fit comes first after one warm-up batch, so that its peak is what a
+    fresh process fitting these images reaches.
+    """
     from padim_core.model_file import save_model
 
     padim = build_padim(config)
     extractor = padim.model.feature_extractor
     paths = image_paths(data / "train" / "good", count)
     floor_pass(extractor, paths[:batch_size], batch_size)  # warm-up
-    before = floor_pass(extractor, paths, batch_size)
     finalize, spent = padim.finalize, []
 
     def timed_finalize():
@@ -189,15 +202,14 @@ def case_fit(
     padim.fit([str(path) for path in paths], batch_size)
     fit_s = time.perf_counter() - start
     peak_mb = peak_rss_mb()
-    after = floor_pass(extractor, paths, batch_size)
+    decode_s, floor_s = floor_pass(extractor, paths, batch_size)
     result = {
-        "decode_s": (before[0] + after[0]) / 2,
-        "floor_s": (before[1] + after[1]) / 2,
-        "floors_s": [before[1], after[1]],
         "fit_s": fit_s,
         "finalize_s": sum(spent),
         "baseline_mb": baseline_mb,
         "peak_mb": peak_mb,
+        "decode_after_s": decode_s,
+        "floor_after_s": floor_s,
     }
     if save:
         reset_peak()
@@ -278,7 +290,9 @@ def run_child(case: dict, threads: int | None) -> None:
         torch.set_num_threads(threads)
     config = CONFIGS[case["config"]]
     data = Path(case["data"])
-    if case["kind"] == "fit":
+    if case["kind"] == "floor":
+        result = case_floor(config, case["count"], case["batch"], data)
+    elif case["kind"] == "fit":
         result = case_fit(config, case["count"], case["batch"], data, case.get("save"))
     else:
         result = case_predict(config, case["model"], case["count"], case["batch"], data)
@@ -293,8 +307,17 @@ def benchmark_config(config: Config, args: argparse.Namespace, folder: Path) -> 
     fits = []
     for count in args.counts:
         save = model if count == max(args.counts) else None
-        case = {**base, "count": count, "kind": "fit", "save": save}
-        fits.append({"count": count, **run_case(case, args.threads)})
+        before = run_case({**base, "count": count, "kind": "floor"}, args.threads)
+        fit = run_case(
+            {**base, "count": count, "kind": "fit", "save": save}, args.threads
+        )
+        fits.append({"count": count, **fit})
+        if "error" not in before and "error" not in fit:
+            fits[-1]["floors_s"] = [before["floor_s"], fit["floor_after_s"]]
+            fits[-1]["floor_s"] = sum(fits[-1]["floors_s"]) / 2
+            fits[-1]["decode_s"] = (before["decode_s"] + fit["decode_after_s"]) / 2
+        else:
+            fits[-1].setdefault("error", before.get("error"))
         log(f"{config.name} fit {count}: {fits[-1]}")
     predicts = []
     for batch in (args.batch_size, 1):
