@@ -165,7 +165,14 @@ def _load_torchvision_weights(
     """Read ``weights`` from torch hub's cache, downloading if allowed."""
     cached = _torch_hub_checkpoint(weights)
     if cached.is_file():
-        return torch.load(cached, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(cached, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise WeightsUnavailableError(
+                f"cannot read the cached ImageNet weights of {backbone} "
+                f"{cached}: {_read_failure(cached, error)}; delete the file to "
+                "download it again"
+            ) from error
 
     hint = (
         f"the ImageNet weights of {backbone} are not cached: expected "
@@ -178,7 +185,9 @@ def _load_torchvision_weights(
     try:
         state = weights.get_state_dict(progress=False, check_hash=True)
     except Exception as error:
-        raise WeightsUnavailableError(f"{hint}; download failed: {error}") from error
+        raise WeightsUnavailableError(
+            f"{hint}; download failed: {_reason(error)}"
+        ) from error
     logger.info("downloaded %s weights to %s", backbone, cached)
     return state
 
@@ -233,6 +242,21 @@ def _build_efficientnet(
     return efficientnet_lite.EfficientNetLiteFeatures(network, layers)
 
 
+def _reason(error: Exception) -> str:
+    """The error's message, or its type's name when the message is empty."""
+    return str(error) or type(error).__name__
+
+
+def _read_failure(path: Path, error: Exception) -> str:
+    """Why ``torch.load`` failed on ``path``, in words that are never empty."""
+    try:
+        if path.stat().st_size == 0:
+            return "the file is empty"
+    except OSError:
+        pass
+    return _reason(error)
+
+
 def _load_local_weights(network: nn.Module, weights: Path) -> None:
     """Load a local state dict into ``network``, refusing pickled objects."""
     weights = Path(weights)
@@ -241,7 +265,8 @@ def _load_local_weights(network: nn.Module, weights: Path) -> None:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"cannot read weights file {weights}: {error}") from error
+        reason = _read_failure(weights, error)
+        raise ValueError(f"cannot read weights file {weights}: {reason}") from error
     if not isinstance(state, dict):
         raise TypeError(f"weights file {weights} does not hold a state dict")
     missing, unexpected = network.load_state_dict(state, strict=False)

@@ -76,6 +76,28 @@ def test_local_weights_file_that_is_not_a_state_dict_is_refused(tmp_path):
         build_feature_extractor("resnet18", ["layer1"], weights=path)
 
 
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "the file is empty"),
+        (b"\x80\x02", "EOFError"),  # torch's own message is empty here
+    ],
+)
+def test_unreadable_local_weights_file_says_why(tmp_path, content, reason):
+    path = tmp_path / "cut.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"cannot read weights file .*: {reason}$"):
+        build_feature_extractor("resnet18", ["layer1"], weights=path)
+
+
+def test_unreadable_cached_imagenet_weights_say_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "resnet18-f37072fd.pth").write_bytes(b"")
+    with pytest.raises(WeightsUnavailableError, match="the file is empty; delete"):
+        build_feature_extractor("resnet18", ["layer1"], download=False)
+
+
 def test_local_weights_of_another_network_are_refused(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(1)}, path)

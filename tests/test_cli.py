@@ -157,6 +157,16 @@ def test_bad_arguments_exit_2_with_one_line(
     assert len(error.splitlines()) == 1
 
 
+def test_an_empty_weights_file_is_named_with_the_reason(subset, tmp_path, capsys):
+    empty = tmp_path / "empty.pth"
+    empty.touch()
+    command = ["fit", "--train", str(subset / "train"), "--out", str(tmp_path / "m")]
+
+    assert main([*command, "--weights", str(empty)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"error: cannot read weights file {empty}: the file is empty"
+
+
 def test_bad_n_features_lists_what_is_allowed(subset, tmp_path, capsys):
     status = main(
         [
