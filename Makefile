@@ -1,7 +1,7 @@
 # make run   - set everything up, then serve the app on http://localhost:8501
 # make test  - set everything up, then run every test
 # make bench - speed and memory benchmark, table in results/benchmark.md
-# make results - fit and evaluate on ../shared/datasets, table in results/datasets.md
+# make results - fit and evaluate on ../shared/datasets, tables in results/datasets*.md
 
 PYTHON ?= python3
 VENV := .venv
@@ -41,6 +41,7 @@ bench: setup-dev
 
 results: setup
 	$(PY) bench/evaluate_datasets.py --out results/datasets.md
+	$(PY) bench/evaluate_datasets.py --first 300 --out results/datasets_first300.md
 
 lint: setup-dev
 	$(VENV)/bin/ruff format --check .

@@ -1,10 +1,16 @@
 """Fit and evaluate PaDiM on every dataset in ../shared/datasets, via the CLI.
 
     .venv/bin/python bench/evaluate_datasets.py --out results/datasets.md
+    .venv/bin/python bench/evaluate_datasets.py --first 300 \
+        --out results/datasets_first300.md
 
 Prints a markdown table of image AUROC, pixel AUROC and AUPRO per dataset and
 backbone, and writes it to --out. Every number comes from
 ``python -m padim_core fit`` then ``python -m padim_core evaluate``.
+
+``--first N`` fits on the first N training images in file-name order only,
+the protocol of the independent figures in ../shared/datasets/README.md, so
+the two can be compared like for like.
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from padim_core.images import find_images
+
 DATASETS = ROOT.parent / "shared" / "datasets"
 
 # (label, extra fit arguments): ImageNet weights that ship offline, and random
@@ -31,17 +41,36 @@ CONFIGS = [
 def run(arguments: list[str]) -> str:
     """Run the CLI and return its stdout; stop on failure."""
     command = [sys.executable, "-m", "padim_core", "-q", *arguments]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        command, check=False, cwd=ROOT, capture_output=True, text=True
+    )
     if result.returncode != 0:
         sys.exit(f"failed: {' '.join(command)}\n{result.stderr}")
     return result.stdout
 
 
-def evaluate(dataset: Path, fit_arguments: list[str], folder: Path) -> dict:
-    """Fit on dataset/train/good, evaluate on dataset/test; time both."""
+def first_images(train: Path, count: int, folder: Path) -> Path:
+    """A folder of links to the first ``count`` images of ``train``, by name."""
+    images, _ = find_images([train])
+    if len(images) < count:
+        sys.exit(f"{train} has {len(images)} images, fewer than --first {count}")
+    subset = folder / f"first{count}"
+    subset.mkdir()
+    for index, image in enumerate(images[:count]):
+        (subset / f"{index:05d}{image.suffix}").symlink_to(image.resolve())
+    return subset
+
+
+def evaluate(
+    dataset: Path, fit_arguments: list[str], folder: Path, first: int | None
+) -> dict:
+    """Fit on dataset/train (or its first images), evaluate on dataset/test."""
     model = folder / f"{dataset.name}.safetensors"
+    train = dataset / "train"
     start = time.perf_counter()
-    run(["fit", "--train", str(dataset / "train"), "--out", str(model), *fit_arguments])
+    if first is not None:
+        train = first_images(train, first, Path(tempfile.mkdtemp(dir=folder)))
+    run(["fit", "--train", str(train), "--out", str(model), *fit_arguments])
     fit_seconds = time.perf_counter() - start
     result = json.loads(
         run(["evaluate", "--model", str(model), "--data", str(dataset)])
@@ -54,7 +83,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "datasets.md")
     parser.add_argument("--datasets", nargs="+", default=["bsdata", "magnetic_tile"])
+    parser.add_argument(
+        "--first",
+        type=int,
+        metavar="N",
+        help="fit on the first N training images by file name, not on all",
+    )
     args = parser.parse_args()
+    if args.first is not None and args.first < 1:
+        parser.error("--first must be at least 1")
 
     lines = [
         "| dataset | backbone | image AUROC | pixel AUROC | AUPRO | images (good / defect) | fit s | evaluate s |",
@@ -63,7 +100,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for name in args.datasets:
             for label, fit_arguments in CONFIGS:
-                r = evaluate(DATASETS / name, fit_arguments, Path(folder))
+                r = evaluate(DATASETS / name, fit_arguments, Path(folder), args.first)
                 lines.append(
                     f"| {name} | {label} | {r['image_auroc']:.3f} | "
                     f"{r['pixel_auroc']:.3f} | {r['aupro']:.3f} | "
