@@ -35,6 +35,7 @@ class Batch:
         skipped: Files of this batch that could not be used.
         done: Files handled so far, this batch included.
         total: Files in the whole run.
+        indices: Position of each usable image among the sources given.
     """
 
     names: list[str] = field(default_factory=list)
@@ -43,6 +44,7 @@ class Batch:
     skipped: list[Skipped] = field(default_factory=list)
     done: int = 0
     total: int = 0
+    indices: list[int] = field(default_factory=list)
 
 
 def _name_and_source(source: Source) -> tuple[str, str | Path | bytes | Image.Image]:
@@ -52,11 +54,13 @@ def _name_and_source(source: Source) -> tuple[str, str | Path | bytes | Image.Im
 
 
 def _decode(
-    chunk: list[tuple[str, str | Path | bytes | Image.Image]], image_size: int
+    chunk: list[tuple[str, str | Path | bytes | Image.Image]],
+    image_size: int,
+    start: int = 0,
 ) -> Batch:
     batch = Batch()
     images = []
-    for name, source in chunk:
+    for index, (name, source) in enumerate(chunk, start):
         try:
             if isinstance(source, Image.Image):
                 image = source.convert("RGB")
@@ -71,6 +75,7 @@ def _decode(
         images.append(resize_square(image, image_size))
         batch.names.append(name)
         batch.sizes.append(image.size)
+        batch.indices.append(index)
     if images:
         batch.tensor = to_tensor(images, image_size)
     return batch
@@ -99,7 +104,8 @@ def iter_batches(
         for index, chunk in enumerate(chunks):
             batch = pending.result()
             if index + 1 < len(chunks):
-                pending = pool.submit(_decode, chunks[index + 1], image_size)
+                start = (index + 1) * batch_size
+                pending = pool.submit(_decode, chunks[index + 1], image_size, start)
             done += len(chunk)
             batch.done, batch.total = done, len(items)
             yield batch

@@ -24,6 +24,7 @@ from padim_core.images import (
     read_image,
     to_tensor,
 )
+from padim_core.loader import iter_batches
 
 
 def _png(image: Image.Image) -> bytes:
@@ -182,3 +183,12 @@ def test_iter_decoded_goes_on_after_a_bad_file() -> None:
     assert results[0] == ("bad.png", Skipped("bad.png", "the file is empty"))
     assert results[1][0] == "good.png"
     assert isinstance(results[1][1], Image.Image)
+
+
+def test_batches_give_each_usable_image_its_position_among_the_sources() -> None:
+    good = _png(_noise(9, 9))
+    sources = [("a", good), ("bad", b""), ("c", good), ("d", good), ("bad2", b"")]
+    batches = list(iter_batches(sources, image_size=32, batch_size=2))
+
+    assert [batch.indices for batch in batches] == [[0], [2, 3], []]
+    assert [batch.names for batch in batches] == [["a"], ["c", "d"], []]
