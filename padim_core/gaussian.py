@@ -336,6 +336,48 @@ class RunningGaussian:
         self.sum += other.sum + other.count * offset
         self.count += other.count
 
+    def complement(self, whole: RunningGaussian) -> None:
+        """Turn these statistics into those of the other images of ``whole``.
+
+        These statistics must hold a subset of the images of ``whole``; they
+        are replaced, in place and without a second scatter, by the
+        statistics of the images of ``whole`` that are not among them. The
+        sums are taken about the shift of ``whole`` and computed in float64
+        chunk by chunk, so each entry is rounded once. ``whole`` is left as
+        it is, bar waiting images being added to its scatter.
+        """
+        if whole.shift.shape != self.shift.shape:
+            raise ValueError(
+                f"cannot take statistics of shape {tuple(self.shift.shape)} out "
+                f"of {tuple(whole.shift.shape)}"
+            )
+        if not 0 < self.count <= whole.count:
+            raise ValueError(
+                f"cannot take {self.count} images out of {whole.count}: the part "
+                "must hold 1 to all of the images"
+            )
+        self._complete()
+        whole._complete()
+        # The part's sums about the whole's shift: x - s = (x - a) + (a - s).
+        offset = (self.shift - whole.shift).to(torch.float64)
+        part_sum = self.sum.to(torch.float64)
+
+        def subtract(chunk: slice) -> None:
+            block = self._scatter[chunk]
+            rest = whole._scatter[chunk].to(torch.float64) - block.to(torch.float64)
+            total, shift = part_sum[chunk], offset[chunk]
+            rest.baddbmm_(total.unsqueeze(2), shift.unsqueeze(1), alpha=-1.0)
+            rest.baddbmm_(shift.unsqueeze(2), total.unsqueeze(1), alpha=-1.0)
+            rest.baddbmm_(shift.unsqueeze(2), shift.unsqueeze(1), alpha=-self.count)
+            block.copy_(rest)
+
+        _map_in_workers(subtract, self._chunks())
+        rest_sum = whole.sum.to(torch.float64) - part_sum - self.count * offset
+        self.sum = rest_sum.to(self.sum.dtype)
+        self._lower_stale |= whole._lower_stale
+        self.shift = whole.shift.clone()
+        self.count = whole.count - self.count
+
     def center(self) -> None:
         """Move the reference point to the mean, in place (sum becomes 0)."""
         if self.count == 0:
@@ -388,7 +430,7 @@ class RunningGaussian:
         for start in range(0, self.positions, step):
             yield slice(start, start + step)
 
-    def to_gaussian(self, lend: bool | None = None) -> Gaussian:
+    def to_gaussian(self, lend: bool | None = None, warn: bool = True) -> Gaussian:
         """Factor the covariances, chunk by chunk, into a :class:`Gaussian`.
 
         The statistics are centred on their mean first, as saving them does.
@@ -399,10 +441,12 @@ class RunningGaussian:
                 :attr:`scatter` later restores it exactly and leaves the
                 Gaussian unusable. None lends scatters larger than
                 ``LEND_SCATTER_BYTES``.
+            warn: Warn when there are too few images for a reliable fit.
         """
         if self.count == 0:
             raise ValueError("no images have been added")
-        self._warn_if_few_images()
+        if warn:
+            self._warn_if_few_images()
         self._complete()
         self._pending = None
         if self.sum.any():

@@ -102,6 +102,47 @@ def test_extending_a_centred_fit_equals_fitting_all_at_once():
     )
 
 
+@pytest.mark.parametrize("channels", [5, 300])  # 300: upper-triangle updates
+def test_complement_of_a_part_is_the_rest(channels):
+    embedding = _embeddings(40, c=channels)
+    whole = _fit(embedding, 9)
+    part = _fit(embedding[::3], 4)  # images 0, 3, 6, ...
+    rest = _fit(embedding[[i for i in range(40) if i % 3]], 40)
+    scatter = whole.scatter.clone()
+    part.complement(whole)
+
+    assert part.count == rest.count == 26
+    torch.testing.assert_close(part.mean, rest.mean, rtol=1e-6, atol=1e-5)
+    expected = rest.covariance()
+    # float32 sums: entries agree to a few roundings of the largest one
+    atol = 1e-6 * float(expected.abs().max())
+    torch.testing.assert_close(part.covariance(), expected, rtol=1e-5, atol=atol)
+    assert torch.equal(whole.scatter, scatter)
+
+
+def test_complement_takes_back_a_lent_scatter_first():
+    embedding = _embeddings(30)
+    whole, part = _fit(embedding, 30), _fit(embedding[:12], 12)
+    gaussian = part.to_gaussian(lend=True)
+    part.complement(whole)
+    assert not gaussian.usable
+    torch.testing.assert_close(
+        part.covariance(), _fit(embedding[12:], 18).covariance(), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("part", "message"),
+    [
+        (RunningGaussian.empty(6, 4), "cannot take statistics of shape"),
+        (RunningGaussian.empty(6, 5), "cannot take 0 images out of 10"),
+    ],
+)
+def test_complement_refuses_what_is_not_a_part(part, message):
+    with pytest.raises(ValueError, match=message):
+        part.complement(_fit(_embeddings(10), 10))
+
+
 def test_one_image_warns_and_gives_finite_distances():
     stats = _fit(_embeddings(1), 1)
     with pytest.warns(FewImagesWarning, match="1 image"):
