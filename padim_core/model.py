@@ -26,7 +26,7 @@ from padim_core.gaussian import (
     RunningGaussian,
     all_finite,
 )
-from padim_core.images import DEFAULT_IMAGE_SIZE, Skipped, to_tensor
+from padim_core.images import DEFAULT_IMAGE_SIZE, Skipped
 from padim_core.loader import Batch, iter_batches
 
 logger = logging.getLogger(__name__)
@@ -298,6 +298,8 @@ class FitReport:
 
 
 ProgressCallback = Callable[[int, int], None]
+EmbeddingObserver = Callable[[Tensor], None]
+BatchObserver = Callable[[Batch, Tensor], None]
 
 
 class Padim:
@@ -361,10 +363,17 @@ class Padim:
         return embedding
 
     @torch.no_grad()
-    def partial_fit(self, images: Tensor) -> None:
+    def partial_fit(
+        self, images: Tensor, observe: EmbeddingObserver | None = None
+    ) -> None:
         """Add a batch of normalised good images (N, 3, H, W) to the statistics.
 
         The embeddings are written straight into the statistics' own buffer.
+
+        Args:
+            images: The batch.
+            observe: Called with the batch's embeddings, float32 (P, N, C),
+                before they are added; it must not change them.
         """
         self._check_input(images)
         features = self.model.feature_extractor(images.to(self.device))
@@ -376,6 +385,8 @@ class Padim:
             self.stats.scatter = self.stats.scatter.to(self.device)
         room = self.stats.reserve(len(images))
         self._embedding(features, out=room.unflatten(0, (h, w)))
+        if observe is not None:
+            observe(room)
         self.stats.commit()
         self.model.gaussian = None
 
@@ -414,11 +425,40 @@ class Padim:
             ValueError: If no image at all could be used.
         """
         start = time.perf_counter()
+        report = self.add_images(sources, batch_size, progress)
+        self.finalize()
+        report.seconds = time.perf_counter() - start
+        self.metadata["fit_seconds"] = report.seconds
+        return report
+
+    def add_images(
+        self,
+        sources: Iterable[str | Path | tuple[str, str | Path | bytes | Image.Image]],
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        progress: ProgressCallback | None = None,
+        observe: BatchObserver | None = None,
+    ) -> FitReport:
+        """Add image files to the statistics, without :meth:`finalize`.
+
+        Args:
+            sources: Paths, or (name, path / bytes / PIL image) pairs.
+            batch_size: Images per forward pass.
+            progress: Called with (images done, images total) after each batch.
+            observe: Called with each usable batch and its embeddings, float32
+                (P, N, C), before they are added; it must not change them.
+
+        Returns:
+            A report of the images used and skipped; ``seconds`` is not set.
+
+        Raises:
+            ValueError: If no image at all could be used.
+        """
         report = FitReport()
         for batch in iter_batches(sources, self.config.image_size, batch_size):
             report.skipped.extend(batch.skipped)
             if batch.tensor is not None:
-                self.partial_fit(batch.tensor)
+                seen = None if observe is None else functools.partial(observe, batch)
+                self.partial_fit(batch.tensor, seen)
                 report.images += len(batch.names)
             if progress is not None:
                 progress(batch.done, batch.total)
@@ -428,9 +468,6 @@ class Padim:
                 f"none of the {len(report.skipped)} files could be used as an image "
                 f"(first: {first.name}: {first.reason})"
             )
-        self.finalize()
-        report.seconds = time.perf_counter() - start
-        self.metadata["fit_seconds"] = report.seconds
         return report
 
     @torch.no_grad()
