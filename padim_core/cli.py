@@ -1,6 +1,6 @@
 """Command line: fit, predict and evaluate.
 
-    python -m padim_core fit --train DIR --out MODEL [...]
+    python -m padim_core fit --train DIR --out MODEL [--review FILE] [...]
     python -m padim_core predict --model MODEL [--out DIR] [--csv FILE] PATH...
     python -m padim_core evaluate --model MODEL --data DIR [--json FILE]
 
@@ -38,6 +38,12 @@ from padim_core.images import (
 from padim_core.model import DEFAULT_BATCH_SIZE, Padim, Thresholds
 from padim_core.model_file import ModelFileError, load_model, save_model
 from padim_core.mvtec import read_mask, read_test_set
+from padim_core.review import (
+    MIN_REVIEW_IMAGES,
+    TrainingReview,
+    fit_with_review,
+    write_csv,
+)
 from padim_core.visualize import add_legend, draw_outline, overlay
 
 logger = logging.getLogger(__name__)
@@ -75,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--no-pretrained", action="store_true", help="random weights")
     fit.add_argument("--weights", type=Path, help="local backbone weights file")
     fit.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    fit.add_argument(
+        "--review",
+        type=Path,
+        metavar="FILE",
+        help="also score each training image with a model fitted without it, "
+        "flag those unlike the rest, and write path,out_of_fold_score,"
+        "modified_z,flagged here (one more pass over the images)",
+    )
     _add_engine_options(fit)
 
     predict = commands.add_parser("predict", help="score images with a model")
@@ -145,6 +159,19 @@ def _progress(quiet: bool, label: str):
     return report
 
 
+def _review_progress(quiet: bool, files: int):
+    """Progress of a fit with review: the fit's pass, then the review's."""
+    fit, review = _progress(quiet, "fit"), _progress(quiet, "review")
+
+    def report(done: int, total: int) -> None:
+        if done <= files:
+            fit(done, files)
+        else:
+            review(done - files, total - files)
+
+    return report
+
+
 def _report_skipped(skipped: Sequence[Skipped]) -> None:
     for item in skipped:
         print(f"skipped {item.name}: {item.reason}", file=sys.stderr)
@@ -166,6 +193,8 @@ def run_fit(args: argparse.Namespace) -> int:
     paths, skipped = find_images([args.train])
     if not paths:
         raise UsageError(f"--train {args.train}: no image files found")
+    if args.review is not None:
+        _check_review(args, ray_engine, len(paths))
     padim = Padim(
         backbone=args.backbone,
         layers=args.layers,
@@ -175,10 +204,15 @@ def run_fit(args: argparse.Namespace) -> int:
         seed=args.seed,
         weights=args.weights,
     )
-    progress = _progress(args.quiet, "fit")
-    if ray_engine is None:
-        report = padim.fit(paths, args.batch_size, progress)
+    review = None
+    if args.review is not None:
+        progress = _review_progress(args.quiet, len(paths))
+        report, review = fit_with_review(padim, paths, args.batch_size, progress)
+        report.skipped.extend(review.skipped)
+    elif ray_engine is None:
+        report = padim.fit(paths, args.batch_size, _progress(args.quiet, "fit"))
     else:
+        progress = _progress(args.quiet, "fit")
         report = ray_engine.fit(padim, paths, args.batch_size, progress, args.address)
     _report_skipped(skipped + report.skipped)
     padim.metadata["train_dir"] = str(args.train)
@@ -188,7 +222,42 @@ def run_fit(args: argparse.Namespace) -> int:
         f"{report.seconds:.1f}s; model written to {args.out}",
         file=sys.stderr,
     )
+    if review is not None:
+        _write_review(review, args.review)
     return 0
+
+
+def _check_review(args: argparse.Namespace, ray_engine, found: int) -> None:
+    """Refuse ``--review`` where it cannot run, before any image is read."""
+    if ray_engine is not None:
+        raise UsageError("--review runs with --engine local only")
+    if args.review.is_dir():
+        raise UsageError(f"--review {args.review}: is a folder; give a CSV file name")
+    if not args.review.parent.is_dir():
+        raise UsageError(f"--review {args.review}: its folder does not exist")
+    if found < MIN_REVIEW_IMAGES:
+        raise UsageError(
+            f"--review needs at least {MIN_REVIEW_IMAGES} training images (2 per "
+            f"fold); --train {args.train} has {found}"
+        )
+
+
+def _write_review(review: TrainingReview, path: Path) -> None:
+    """Write the review's CSV and name the flagged images on stderr."""
+    if review.note is not None:
+        raise UsageError(f"{review.note}; the model was written, no review")
+    write_csv(review, path)
+    for row in review.flagged:
+        print(
+            f"flagged {row.path}: out-of-fold score {row.score:.1f}, "
+            f"modified z {row.modified_z:.1f}",
+            file=sys.stderr,
+        )
+    print(
+        f"{len(review.flagged)} of {len(review.rows)} training images look unlike "
+        f"the rest; see {path}",
+        file=sys.stderr,
+    )
 
 
 def _verdict(score: float, threshold: float | None) -> str:
@@ -214,8 +283,9 @@ def run_predict(args: argparse.Namespace) -> int:
     if ray_engine is None:
         batches = padim.predict_batches(paths, args.batch_size)
     else:
+        # Overlays are drawn from the patch distances: no maps need travel.
         batches = ray_engine.predict_batches(
-            padim, paths, args.batch_size, args.address
+            padim, paths, args.batch_size, args.address, maps=False
         )
     for prediction, batch_skipped, batch in batches:
         skipped.extend(batch_skipped)
@@ -373,10 +443,7 @@ def _evaluation(
             threshold, f1 = metrics.optimal_f1_threshold(labels, scores)
         pixel_threshold = math.nan
         if masks.any():
-            pixel_threshold, _ = metrics.optimal_f1_threshold(
-                masks.ravel()[:: _stride(masks.size)],
-                maps.ravel()[:: _stride(masks.size)],
-            )
+            pixel_threshold, _ = metrics.optimal_pixel_threshold(masks, maps)
         values = {
             "image_auroc": metrics.image_auroc(labels, scores),
             "pixel_auroc": metrics.pixel_auroc(masks, maps),
@@ -392,11 +459,6 @@ def _evaluation(
     result["n_good"] = int((labels == 0).sum())
     result["n_defect"] = int((labels == 1).sum())
     return result
-
-
-def _stride(size: int, limit: int = 4_000_000) -> int:
-    """Subsampling step that keeps at most ``limit`` pixels for a threshold search."""
-    return max(1, size // limit)
 
 
 def _save_thresholds(
@@ -431,12 +493,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(error)
     except (ValueError, TypeError) as error:
         message = str(error)
+    except RuntimeError as error:
+        if not _lost_ray_worker(error):
+            raise
+        message = str(error)
     except KeyboardInterrupt:
         message = "interrupted"
     finally:
         warnings.formatwarning = original_format
     print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
     return 2
+
+
+def _lost_ray_worker(error: RuntimeError) -> bool:
+    """Whether ``error`` is the Ray engine's, for a worker out of restarts.
+
+    The engine is imported only with ``--engine ray``, so it is looked up
+    among the loaded modules rather than imported here.
+    """
+    engine = sys.modules.get("padim_core.distributed")
+    return engine is not None and isinstance(error, engine.WorkerLostError)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
