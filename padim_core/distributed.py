@@ -16,7 +16,10 @@ A worker process that dies is restarted by Ray and its call retried. Scores
 are keyed by batch, so a retried batch replaces and never adds. A fit worker
 keeps its sums between calls, so a restart loses them: the driver asks every
 worker at the end which batches its sums hold and sends the missing ones
-again, until each batch is held by exactly one worker.
+again, until each batch is held by exactly one worker. A worker that dies
+more often than ``MAX_RESTARTS`` allows ends the job with
+:class:`WorkerLostError`, which names the worker, its batch and the images
+left undone.
 
 Ray Data is not used: a fit returns one partial per worker rather than rows
 (a per-batch partial would be as large as the model), and on a two-core
@@ -38,6 +41,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +89,16 @@ REORDER_WINDOW_PER_WORKER = 8
 CONNECT_TIMEOUT = 5.0
 
 # Testing aid: when set, the first worker to start its third call creates
-# this file and kills its own process, once, so tests can watch the recovery.
-# By then the driver holds the reply to that worker's first call, so a fit
-# worker takes sums with it that the driver has counted as done.
+# this file and kills its own process, so tests can watch the recovery. By
+# then the driver holds the reply to that worker's first call, so a fit
+# worker takes sums with it that the driver has counted as done. After that
+# first death, workers kill themselves at the start of any call until
+# _CRASHES deaths in all (one by default), so tests can exhaust the restarts.
 _CRASH_MARKER: Path | None = None
+_CRASHES = 1
+
+# Files named in a lost worker's message before the rest are only counted.
+NAMED_FILES = 3
 
 # What this module and Ray set in the environment for the length of a
 # connection; the previous values come back afterwards.
@@ -100,6 +110,10 @@ _RAY_VARIABLES = (
 )
 
 Source = tuple[str, bytes | Path]
+
+
+class WorkerLostError(RuntimeError):
+    """A worker died more often than its restarts allow; the job is incomplete."""
 
 
 @contextmanager
@@ -300,7 +314,7 @@ def _fit_on_workers(
                 done += len(chunks[index])
                 if progress is not None:
                     progress(done, total)
-            reports = ray.get([actor.collect.remote() for actor in actors])
+            reports = _collect(actors)
             batches, partials = _gather(reports)
             missing = [index for index in range(len(chunks)) if index not in batches]
             if not missing:
@@ -308,9 +322,29 @@ def _fit_on_workers(
             logger.warning(
                 "%d batches were lost with a worker; sent again", len(missing)
             )
+    except WorkerLostError as error:
+        raise WorkerLostError(f"{error}; the fit was abandoned") from None
     finally:
         _stop(actors)
-    raise RuntimeError(f"{len(missing)} batches were lost {MAX_RESTARTS + 1} times")
+    lost = [path for index in missing for path in chunks[index]]
+    raise WorkerLostError(
+        f"{len(missing)} batches were lost with a worker {MAX_RESTARTS + 1} "
+        f"times ({_some_files(lost)}); the fit was abandoned"
+    )
+
+
+def _collect(actors: list) -> list:
+    """Each fit worker's batches and sums; WorkerLostError if one is gone."""
+    calls = [actor.collect.remote() for actor in actors]
+    reports = []
+    for slot, call in enumerate(calls):
+        try:
+            reports.append(ray.get(call))
+        except ray.exceptions.RayActorError:
+            raise WorkerLostError(
+                f"{_worker_died(slot, actors)}, before handing in its sums"
+            ) from None
+    return reports
 
 
 def _gather(
@@ -332,6 +366,7 @@ def predict_batches(
     batch_size: int,
     address: str | None = None,
     workers: int | None = None,
+    maps: bool = True,
 ) -> Iterator[tuple[Prediction | None, list[Skipped], Batch]]:
     """Score image files on Ray workers, batch by batch, in input order.
 
@@ -346,24 +381,31 @@ def predict_batches(
         batch_size: Images per forward pass, and per call to a worker.
         address: A cluster to join; None starts a local one.
         workers: Worker processes; one per CPU of the cluster if None.
+        maps: Whether the workers send the anomaly maps (N, H, W) back. If
+            False, ``Prediction.maps`` is empty, of shape (N, 0, 0), and only
+            scores and patch distances (N, h, w) travel: 16 times less at a
+            patch stride of 4. The maps can be rebuilt from the distances
+            with :func:`padim_core.anomaly_map.anomaly_maps`.
 
     Yields:
         ``(prediction or None, skipped files, batch)`` for each batch.
+
+    Raises:
+        WorkerLostError: If a worker died more often than its restarts allow;
+            the message names the worker, its batch and the first image not
+            scored.
     """
-    # TODO: workers send whole anomaly maps (N, H, W) back although the CLI
-    # reads only scores and patch distances; at archive scale that is more
-    # traffic than the images themselves, and a leaner result would cut it.
     gaussian = _fitted_gaussian(padim)
     chunks = _chunks(paths, batch_size)
     total, done = sum(len(chunk) for chunk in chunks), 0
     with connect(address):
         model = {"network": _network_state(padim), "gaussian": gaussian}
         shared = [ray.put(model)]
-        actors = _start_workers(_ScoreWorker, workers, len(chunks), padim.config)
+        actors = _start_workers(_ScoreWorker, workers, len(chunks), padim.config, maps)
         try:
             jobs = list(enumerate(chunks))
             results = _dispatch(actors, "score", shared, jobs, batch_size, ordered=True)
-            for index, (prediction, skipped) in results:
+            for index, (prediction, skipped) in _reporting_undone(results, chunks):
                 done += len(chunks[index])
                 names = [] if prediction is None else prediction.names
                 sizes = [] if prediction is None else prediction.sizes
@@ -374,6 +416,24 @@ def predict_batches(
                 )
         finally:
             _stop(actors)
+
+
+def _reporting_undone(
+    results: Iterator[tuple[int, Any]], chunks: list[list[Path]]
+) -> Iterator[tuple[int, Any]]:
+    """``results``, in job order; a lost worker's error adds what was not scored."""
+    done = 0
+    try:
+        for index, result in results:
+            done = index + 1
+            yield index, result
+    except WorkerLostError as error:
+        undone = [path for chunk in chunks[done:] for path in chunk]
+        total = sum(len(chunk) for chunk in chunks)
+        raise WorkerLostError(
+            f"{error}; {len(undone)} of {total} images were not scored, "
+            f"from {undone[0]} on"
+        ) from None
 
 
 def _fitted_gaussian(padim: Padim) -> Gaussian:
@@ -401,9 +461,16 @@ def _network_state(padim: Padim) -> dict[str, Tensor]:
 
 
 def _start_workers(
-    worker_class: type, workers: int | None, jobs: int, config: PadimConfig
+    worker_class: type,
+    workers: int | None,
+    jobs: int,
+    config: PadimConfig,
+    *options: Any,
 ) -> list:
-    """Start ``workers`` actors (one per cluster CPU if None), at most ``jobs``."""
+    """Start ``workers`` actors (one per cluster CPU if None), at most ``jobs``.
+
+    Each is built with ``(config, crash aid, *options)``.
+    """
     if workers is None:
         cpus = int(ray.cluster_resources().get("CPU", CPUS_PER_WORKER))
         workers = max(1, cpus // CPUS_PER_WORKER)
@@ -417,7 +484,8 @@ def _start_workers(
     )
     count = min(workers, jobs)
     logger.info("starting %d Ray workers", count)
-    return [actor_class.remote(config, _CRASH_MARKER) for _ in range(count)]
+    crash = None if _CRASH_MARKER is None else (_CRASH_MARKER, _CRASHES)
+    return [actor_class.remote(config, crash, *options) for _ in range(count)]
 
 
 def _stop(actors: list) -> None:
@@ -439,8 +507,12 @@ def _dispatch(
     the reference and the worker fetches the model only once. Yields
     ``(job index, result)`` as results come, or in job order if ``ordered``.
     Warnings raised on a worker are raised again here.
+
+    Raises:
+        WorkerLostError: If an actor died more often than its restarts allow.
     """
     queue = deque(jobs)
+    files = dict(queue)
     order = deque(index for index, _ in queue)
     busy = [0] * len(actors)
     pending: dict[Any, tuple[int, int]] = {}  # reference -> (actor, job index)
@@ -460,13 +532,35 @@ def _dispatch(
         (reference,), _ = ray.wait(list(pending), num_returns=1)
         slot, index = pending.pop(reference)
         busy[slot] -= 1
-        finished[index], caught = ray.get(reference)
+        try:
+            finished[index], caught = ray.get(reference)
+        except ray.exceptions.RayActorError:
+            # Its calls fail in no set order; name the first batch it held.
+            first = min([index, *(job for at, job in pending.values() if at == slot)])
+            raise WorkerLostError(
+                f"{_worker_died(slot, actors)}, on batch {first + 1} of "
+                f"{len(files)} ({_some_files(files[first])})"
+            ) from None
         for message, category in caught:
             warnings.warn(message, category, stacklevel=2)
 
         while finished and (not ordered or order[0] in finished):
             index = order.popleft() if ordered else next(iter(finished))
             yield index, finished.pop(index)
+
+
+def _worker_died(slot: int, actors: list) -> str:
+    return (
+        f"Ray worker {slot + 1} of {len(actors)} died more often than its "
+        f"{MAX_RESTARTS} restarts allow"
+    )
+
+
+def _some_files(paths: Sequence[Path]) -> str:
+    """The first ``NAMED_FILES`` of ``paths``, and how many more."""
+    named = ", ".join(str(path) for path in paths[:NAMED_FILES])
+    more = len(paths) - NAMED_FILES
+    return named if more <= 0 else f"{named} and {more} more"
 
 
 def _read_sources(paths: list[Path]) -> list[Source]:
@@ -495,21 +589,25 @@ class _Worker:
 
     Args:
         config: The model's configuration.
-        crash_marker: See ``_CRASH_MARKER``.
+        crash: ``(_CRASH_MARKER, _CRASHES)``, or None; see ``_CRASH_MARKER``.
     """
 
-    def __init__(self, config: PadimConfig, crash_marker: Path | None = None) -> None:
+    def __init__(
+        self, config: PadimConfig, crash: tuple[Path, int] | None = None
+    ) -> None:
         torch.set_num_threads(CPUS_PER_WORKER)
         torch.set_grad_enabled(False)
         self.config = config
-        self.crash_marker = crash_marker
+        self.crash = crash
         self.padim: Padim | None = None
         self.calls = 0
 
     def _begin_call(self, shared: list) -> Padim:
         """Count the call, build the model on the first one, and return it."""
-        if self.crash_marker is not None and self.calls >= 2:
-            _crash_once(self.crash_marker)
+        if self.crash is not None:
+            marker, crashes = self.crash
+            if self.calls >= 2 or marker.exists():
+                _crash(marker, crashes)
         self.calls += 1
         if self.padim is None:
             self.padim = self._build(ray.get(shared[0]))
@@ -530,13 +628,19 @@ class _Worker:
         return padim
 
 
-def _crash_once(marker: Path) -> None:
-    """Kill this process unless ``marker`` exists; create it first, atomically."""
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    os._exit(1)
+def _crash(marker: Path, crashes: int) -> None:
+    """Kill this process unless ``crashes`` deaths are on record already.
+
+    Each death is recorded first, atomically: ``marker``, then ``marker.1``,
+    ``marker.2`` and so on.
+    """
+    for death in range(crashes):
+        record = marker.with_name(f"{marker.name}.{death}") if death else marker
+        try:
+            os.close(os.open(record, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        os._exit(1)
 
 
 def _warnings_raised(caught: list[warnings.WarningMessage]) -> list[tuple]:
@@ -546,8 +650,10 @@ def _warnings_raised(caught: list[warnings.WarningMessage]) -> list[tuple]:
 class _FitWorker(_Worker):
     """Adds batches to its own statistics, and says which batches they hold."""
 
-    def __init__(self, config: PadimConfig, crash_marker: Path | None = None) -> None:
-        super().__init__(config, crash_marker)
+    def __init__(
+        self, config: PadimConfig, crash: tuple[Path, int] | None = None
+    ) -> None:
+        super().__init__(config, crash)
         self.batches: dict[int, tuple[int, list[Skipped]]] = {}
 
     def add(
@@ -574,7 +680,22 @@ class _FitWorker(_Worker):
 
 
 class _ScoreWorker(_Worker):
-    """Scores batches with the driver's fitted Gaussians."""
+    """Scores batches with the driver's fitted Gaussians.
+
+    Args:
+        config: The model's configuration.
+        crash: See :class:`_Worker`.
+        maps: Whether to send the anomaly maps back, or leave them empty.
+    """
+
+    def __init__(
+        self,
+        config: PadimConfig,
+        crash: tuple[Path, int] | None = None,
+        maps: bool = True,
+    ) -> None:
+        super().__init__(config, crash)
+        self.maps = maps
 
     def score(
         self, shared: list, index: int, sources: list[Source], batch_size: int
@@ -584,4 +705,7 @@ class _ScoreWorker(_Worker):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             prediction, skipped = padim.predict(sources, batch_size)
+        if prediction is not None and not self.maps:
+            empty = prediction.maps.new_empty((len(prediction.names), 0, 0))
+            prediction = replace(prediction, maps=empty)
         return (prediction, skipped), _warnings_raised(caught)

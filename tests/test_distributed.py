@@ -8,6 +8,7 @@ process dies mid-job.
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -241,6 +242,90 @@ def test_a_dead_fitting_worker_is_refitted_once(
     assert "lost with a worker" in caplog.text  # its sums were lost and redone
     assert report.images == len(train_paths)
     _assert_same_fit(merged, plain, sorted(test_folder.glob("pitting/*"))[:2])
+
+
+def test_scoring_without_maps_sends_scores_and_distances_only(
+    cluster, model_file, test_folder, one_thread
+):
+    padim = load_model(model_file)
+    paths = sorted(test_folder.glob("pitting/*"))
+
+    results = list(distributed.predict_batches(padim, paths, 2, workers=1, maps=False))
+
+    expected = padim.predict(paths, 2)[0]
+    assert [tuple(prediction.maps.shape) for prediction, _, _ in results] == [
+        (2, 0, 0),
+        (2, 0, 0),
+        (1, 0, 0),
+    ]
+    distances = torch.cat([prediction.distances for prediction, _, _ in results])
+    assert torch.equal(distances, expected.distances)
+    scores = torch.cat([prediction.scores for prediction, _, _ in results])
+    assert torch.equal(scores, expected.scores)
+
+
+def test_a_scoring_worker_out_of_restarts_names_what_was_not_scored(
+    cluster, model_file, test_folder, monkeypatch, tmp_path
+):
+    padim = load_model(model_file)
+    paths = sorted(test_folder.rglob("*.jpg"))
+    monkeypatch.setattr(distributed, "_CRASH_MARKER", tmp_path / "crashed")
+    monkeypatch.setattr(distributed, "_CRASHES", distributed.MAX_RESTARTS + 1)
+    scored = []
+
+    with pytest.raises(distributed.WorkerLostError) as lost:
+        for prediction, _, _ in distributed.predict_batches(padim, paths, 2, workers=1):
+            scored.extend(prediction.names)
+
+    # The worker dies at the start of its third call, and at every retry.
+    assert scored == [str(path) for path in paths[:4]]
+    assert str(lost.value) == (
+        "Ray worker 1 of 1 died more often than its 3 restarts allow, on batch "
+        f"3 of 5 ({paths[4]}, {paths[5]}); 5 of 9 images were not scored, "
+        f"from {paths[4]} on"
+    )
+
+
+def test_the_predict_command_ends_with_one_line_when_workers_are_lost(
+    cluster, model_file, test_folder, monkeypatch, tmp_path, capsys
+):
+    monkeypatch.setattr(distributed, "_CRASH_MARKER", tmp_path / "crashed")
+    # Enough deaths for one of the two workers to run out of restarts.
+    monkeypatch.setattr(distributed, "_CRASHES", 2 * (distributed.MAX_RESTARTS + 1))
+    csv = tmp_path / "lot.csv"
+    command = ["-q", "predict", "--engine", "ray", "--batch-size", "1"]
+
+    status = main(
+        [*command, "--model", str(model_file), "--csv", str(csv), str(test_folder)]
+    )
+
+    error = capsys.readouterr().err
+    assert status == 2
+    assert len(error.splitlines()) == 1
+    assert re.fullmatch(
+        r"error: Ray worker [12] of 2 died more often than its 3 restarts allow, "
+        r"on batch \d+ of 10 \(\S+\); \d+ of 10 images were not scored, "
+        r"from \S+ on\n",
+        error,
+    )
+    assert not csv.exists()
+
+
+def test_a_fitting_worker_out_of_restarts_abandons_the_fit(
+    cluster, train_paths, monkeypatch, tmp_path
+):
+    monkeypatch.setattr(distributed, "_CRASH_MARKER", tmp_path / "crashed")
+    monkeypatch.setattr(distributed, "_CRASHES", distributed.MAX_RESTARTS + 1)
+    merged = _padim()
+
+    with pytest.raises(distributed.WorkerLostError) as lost:
+        distributed.fit(merged, train_paths, 2, workers=1)
+
+    assert str(lost.value) == (
+        "Ray worker 1 of 1 died more often than its 3 restarts allow, on batch "
+        f"3 of 6 ({train_paths[4]}, {train_paths[5]}); the fit was abandoned"
+    )
+    assert merged.stats is None
 
 
 def test_predict_joins_a_cluster_at_an_address(
