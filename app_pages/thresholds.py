@@ -8,7 +8,7 @@ import streamlit as st
 
 from app_ui import state
 from app_ui.figures import histogram_figure, pr_figure, roc_figure
-from app_ui.scoring import Scale, Scored, maps_from_distances, score_items, verdicts
+from app_ui.scoring import Scale, Scored, score_items, verdicts
 from app_ui.state import PERSIST
 from app_ui.thresholding import (
     model_slider_range,
@@ -18,7 +18,7 @@ from app_ui.thresholding import (
     threshold_slider,
     to_save,
 )
-from app_ui.validation import Validation, mask_stack, pick_validation
+from app_ui.validation import Validation, mask_stack, pick_validation, pixel_metrics
 from app_ui.widgets import (
     NORMALISED_FORMAT,
     percent,
@@ -33,10 +33,6 @@ from padim_core.model import Thresholds
 from padim_core.workspace import MIN_SPAN_FRACTION, ModelEntry
 
 PAGE = "thresholds"
-
-# Pixels used to search the F1-optimal pixel threshold; a regular subsample
-# of this size pins the threshold down well and keeps the search quick.
-PIXEL_SAMPLE = 1_000_000
 
 
 def thresholds_page() -> None:
@@ -197,28 +193,10 @@ def _pixel_threshold(
         for name in names
     )
     fingerprint = entry.fingerprint
-    found = _pixel_metrics(
+    found = pixel_metrics(
         fingerprint, keys, scored.distances[chosen], masks, scored.image_size
     )
     return _pixel_slider(entry, scored, found, len(chosen) - int((labels == 0).sum()))
-
-
-@st.cache_data(max_entries=16, show_spinner="Measuring the maps against the masks…")
-def _pixel_metrics(fingerprint, keys, _distances, _masks, image_size) -> dict:
-    maps = maps_from_distances(_distances, image_size)
-    stride = max(1, maps.size // PIXEL_SAMPLE)
-    sample_maps, sample_masks = maps.ravel()[::stride], _masks.ravel()[::stride]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", metrics.MetricWarning)
-        threshold, f1 = metrics.optimal_f1_threshold(sample_masks, sample_maps)
-        return {
-            "pixel_auroc": metrics.pixel_auroc(_masks, maps),
-            "aupro": metrics.aupro(_masks, maps),
-            "suggested": threshold,
-            "f1": f1,
-            "sample_maps": sample_maps,
-            "sample_masks": sample_masks,
-        }
 
 
 def _pixel_slider(

@@ -8,6 +8,7 @@ images by file name, with the defect folder to tell equal names apart.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -16,6 +17,7 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
+from app_ui.scoring import maps_from_distances
 from app_ui.sources import (
     DEMO,
     FOLDER,
@@ -27,7 +29,7 @@ from app_ui.sources import (
     uploader,
 )
 from app_ui.state import PERSIST
-from padim_core import demo
+from padim_core import demo, metrics
 from padim_core.images import ImageError, Skipped, read_image
 from padim_core.workspace import ModelEntry
 
@@ -199,3 +201,43 @@ def mask_stack(
         else:
             stack[i] = array
     return stack, skipped
+
+
+@st.cache_data(max_entries=16, show_spinner="Measuring the maps against the masks…")
+def pixel_metrics(
+    fingerprint: str,
+    keys: tuple,
+    _distances: np.ndarray,
+    _masks: np.ndarray,
+    image_size: int,
+) -> dict:
+    """Pixel AUROC, AUPRO and the suggested pixel threshold of scored images.
+
+    The suggestion is :func:`padim_core.metrics.optimal_pixel_threshold`, as
+    in ``evaluate``, so both give the same threshold for the same images.
+
+    Args:
+        fingerprint: The model's fingerprint; with ``keys``, the cache key.
+        keys: The images' and their masks' keys.
+        _distances: Patch distances (N, h, w).
+        _masks: Masks (N, S, S), bool; all False for good images.
+        image_size: The model's input side S.
+
+    Returns:
+        ``pixel_auroc``, ``aupro``, ``suggested`` and its ``f1``, and the
+        pixel sample (``sample_masks``, ``sample_maps``) to rate other
+        thresholds on.
+    """
+    maps = maps_from_distances(_distances, image_size)
+    sample_masks, sample_maps = metrics.pixel_sample(_masks, maps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", metrics.MetricWarning)
+        threshold, f1 = metrics.optimal_pixel_threshold(_masks, maps)
+        return {
+            "pixel_auroc": metrics.pixel_auroc(_masks, maps),
+            "aupro": metrics.aupro(_masks, maps),
+            "suggested": threshold,
+            "f1": f1,
+            "sample_maps": sample_maps,
+            "sample_masks": sample_masks,
+        }

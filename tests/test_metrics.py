@@ -18,8 +18,10 @@ from padim_core.metrics import (
     image_auroc,
     normalize_scores,
     optimal_f1_threshold,
+    optimal_pixel_threshold,
     percentile_threshold,
     pixel_auroc,
+    pixel_sample,
     rates_at_threshold,
 )
 
@@ -384,3 +386,65 @@ def test_pixel_metrics_reject_masks_other_than_zero_and_one(
     masks, maps = _pixel_case(0)
     with pytest.raises(ValueError, match="masks must hold only 0 and 1"):
         metric(masks * 255, maps)
+
+
+def _pixel_stack(seed: int, n_images: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Masks with one defect square in half the images, maps that follow them."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n_images, side, side), dtype=bool)
+    masks[::2, side // 4 : side // 2, side // 4 : side // 2] = True
+    maps = (rng.normal(size=masks.shape) + 2.0 * masks).astype(np.float32)
+    return masks, maps
+
+
+@pytest.mark.parametrize(
+    ("n_images", "side", "max_pixels", "expected"),
+    [
+        (4, 8, 1000, 256),  # all pixels
+        (4, 8, 128, 128),  # every second pixel of each image
+        (6, 10, 100, 102),  # a step of 6 pixels: 17 per image
+        (3, 8, 24, 24),  # a step of 8 would keep one column; 9 keeps 8 per image
+    ],
+)
+def test_pixel_sample_keeps_about_max_pixels(n_images, side, max_pixels, expected):
+    masks, maps = _pixel_stack(0, n_images, side)
+
+    sample_masks, sample_maps = pixel_sample(masks, maps, max_pixels)
+
+    assert sample_masks.shape == sample_maps.shape == (expected,)
+    assert sample_masks.dtype == bool and sample_maps.dtype == np.float32
+    assert expected <= max_pixels + n_images
+
+
+def test_pixel_sample_spreads_over_the_columns() -> None:
+    masks, maps = _pixel_stack(0, 3, 8)
+    maps[:] = np.arange(8, dtype=np.float32)  # each pixel's value is its column
+
+    _, sample_maps = pixel_sample(masks, maps, 24)
+
+    assert set(sample_maps.tolist()) == set(range(8))
+
+
+def test_optimal_pixel_threshold_ignores_the_order_of_the_images() -> None:
+    masks, maps = _pixel_stack(1, 10, 32)
+    order = np.random.default_rng(2).permutation(10)
+
+    found = optimal_pixel_threshold(masks, maps, 1000)
+
+    assert optimal_pixel_threshold(masks[order], maps[order], 1000) == found
+    sample_masks, sample_maps = pixel_sample(masks, maps, 1000)
+    assert found == optimal_f1_threshold(sample_masks, sample_maps)
+
+
+def test_optimal_pixel_threshold_uses_every_pixel_of_a_small_set() -> None:
+    masks, maps = _pixel_stack(3, 4, 16)
+
+    found = optimal_pixel_threshold(masks, maps)
+
+    assert found == optimal_f1_threshold(masks.ravel(), maps.ravel())
+
+
+def test_pixel_sample_refuses_an_empty_sample() -> None:
+    masks, maps = _pixel_stack(0, 2, 4)
+    with pytest.raises(ValueError, match="max_pixels must be at least 1, got 0"):
+        pixel_sample(masks, maps, 0)

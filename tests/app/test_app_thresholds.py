@@ -5,10 +5,14 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import torch
 from apptools import assert_clean, by_label, demo_uploads, open_page, texts, zip_bytes
 from PIL import Image
 
-from padim_core import demo, workspace
+from app_ui.validation import pixel_metrics
+from padim_core import demo, metrics, workspace
+from padim_core.anomaly_map import anomaly_maps
+from padim_core.cli import _evaluation
 
 SEPARATE = "Upload good and defective images"
 MVTEC = "Upload a zip or folder in MVTec layout"
@@ -113,3 +117,23 @@ def test_validation_uploads_survive_a_visit_to_another_page(fitted):
     assert "Using 3 uploaded files" in texts(at.info)
     assert "Using 2 uploaded files" in texts(at.info)
     assert metric(at, "Escape rate") != "n/a"
+
+
+def test_the_page_suggests_the_pixel_threshold_that_evaluate_finds():
+    # 64 maps of 256 x 256: more pixels than the threshold search takes.
+    rng = np.random.default_rng(0)
+    distances = rng.gamma(4.0, 3.0, size=(64, 32, 32)).astype(np.float32)
+    distances[::2, 8:16, 8:16] += 12.0
+    masks = np.zeros((64, 256, 256), dtype=bool)
+    masks[::2, 64:128, 64:128] = True
+    labels = masks.any(axis=(1, 2)).astype(int)
+    keys = tuple((str(i), "") for i in range(64))
+
+    found = pixel_metrics("model", keys, distances, masks, 256)
+    # evaluate gets the maps from the model, in the order of the test folder.
+    order = np.argsort(labels, kind="stable")
+    maps = anomaly_maps(torch.from_numpy(distances[order]), (256, 256)).numpy()
+    evaluated = _evaluation(labels[order], maps.max(axis=(1, 2)), maps, masks[order])
+
+    assert maps.size > metrics.PIXEL_THRESHOLD_SAMPLE
+    assert evaluated["pixel_threshold"] == round(found["suggested"], 4)
