@@ -1,13 +1,15 @@
 """Images per second of the Ray engine with 1 and 2 local workers.
 
-    .venv/bin/python bench/ray_benchmark.py [--images 64] [--out FILE]
+    .venv/bin/python bench/ray_benchmark.py [--images 64] [--maps] [--out FILE]
 
 Fits on the first good training images of ../shared/datasets/bsdata and
 scores as many test images (good and pitted), once in this process and then
 on a local Ray cluster bound to 127.0.0.1 with 1 and 2 workers. Each Ray time
 runs from the call to the last result: the workers' start (a fresh Python
 with torch, then the model) is in it, the cluster's start is not and is shown
-apart. Needs requirements-ray.txt. Prints a markdown table.
+apart. Ray workers score as the command line has them, sending scores and
+patch distances back; ``--maps`` has them send the full anomaly maps too.
+Needs requirements-ray.txt. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def time_predict(batches, images: int) -> tuple[float, float]:
 
 
 def measure(
-    train: list[Path], test: list[Path], batch_size: int
+    train: list[Path], test: list[Path], batch_size: int, maps: bool = False
 ) -> tuple[dict[str, dict[str, tuple[float, float]]], float]:
     """Rates of fit and predict by engine, and the Ray cluster's start time."""
     rates = {}
@@ -102,7 +104,7 @@ def measure(
                 distributed.fit, padim, train, batch_size, workers=workers
             )
             batches = distributed.predict_batches(
-                local, test, batch_size, workers=workers
+                local, test, batch_size, workers=workers, maps=maps
             )
             rates[f"Ray, {workers} worker{'s' * (workers > 1)}"] = {
                 "fit": time_fit(lambda done, fit=fit: fit(progress=done), len(train)),
@@ -146,12 +148,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, help="also write the table here")
+    parser.add_argument(
+        "--maps", action="store_true", help="Ray workers send the full maps back"
+    )
     args = parser.parse_args(argv)
 
     train, test = image_paths(args.data, args.images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # few images for many channels
-        rates, cluster_start = measure(train, test, args.batch_size)
+        rates, cluster_start = measure(train, test, args.batch_size, args.maps)
     text = table(rates, len(train), len(test), cluster_start)
     print(text, end="")
     if args.out is not None:
