@@ -95,12 +95,15 @@ class TrainingReview:
         skipped: Images fitted on but unreadable when read again to score.
         note: Why no review was made (too few images); None when made.
         seconds: Time taken by the scoring pass and the fold statistics.
+        cutoff: The out-of-fold score above which an image is flagged, None
+            without rows.
     """
 
     rows: list[ReviewRow] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     note: str | None = None
     seconds: float = 0.0
+    cutoff: float | None = None
 
     @property
     def flagged(self) -> list[ReviewRow]:
@@ -278,7 +281,7 @@ def _review(
             scored[members[position]] = row
     folds.fold_a = None
     review.rows = [scored[index] for index in sorted(scored)]
-    _flag(review.rows)
+    review.cutoff = _flag(review.rows)
     logger.info(
         "reviewed %d training images, %d flagged", len(review.rows), len(review.flagged)
     )
@@ -328,14 +331,18 @@ def _score(
     return rows, skipped
 
 
-def _flag(rows: list[ReviewRow]) -> None:
-    """Set each row's modified z-score and whether it is flagged."""
+def _flag(rows: list[ReviewRow]) -> float | None:
+    """Set each row's modified z-score and flag; return the score cut-off."""
     if not rows:
-        return
-    values = modified_z_scores([row.score for row in rows])
+        return None
+    scores = np.array([row.score for row in rows])
+    values = modified_z_scores(scores)
     for row, value in zip(rows, values.tolist()):
         row.modified_z = value
         row.flagged = value > MODIFIED_Z_CUTOFF
+    median = np.median(scores)
+    spread = MAD_TO_SIGMA * np.median(np.abs(scores - median))
+    return float(median + MODIFIED_Z_CUTOFF * spread)
 
 
 def spreadsheet_safe(text: str) -> str:

@@ -98,6 +98,7 @@ def test_the_odd_image_is_flagged_and_only_it(reviewed):
     _, _, review = reviewed
     assert [row.path for row in review.flagged] == ["good/017.png"]
     assert review.note is None
+    assert all((row.score > review.cutoff) == row.flagged for row in review.rows)
 
 
 def test_modified_z_on_known_numbers():
