@@ -1,14 +1,17 @@
 """Fit page: fit PaDiM on images of good parts, or add good images to a model."""
 
+from dataclasses import replace
 from datetime import date
 from pathlib import PurePosixPath
 
+import pandas as pd
 import streamlit as st
 
 from app_ui import state
 from app_ui.fitting import (
     FitJob,
     FitRequest,
+    ReviewOutcome,
     get_job,
     names_in_use,
     running_jobs,
@@ -30,6 +33,7 @@ from app_ui.widgets import (
 from padim_core import demo, workspace
 from padim_core.backbones import BACKBONES
 from padim_core.model import make_config
+from padim_core.review import MIN_REVIEW_IMAGES, MODIFIED_Z_CUTOFF
 from padim_core.workspace import ModelEntry
 
 NEW = "New model"
@@ -42,6 +46,9 @@ NAME_KEY = "fit_name"
 # field follows the images chosen.
 OFFERED_NAME_KEY = "fit_name_offered"
 DEMO_MODEL_NAME = "solar-cells"
+REVIEW_LABEL = "Check the training images for outliers (one more pass over them)"
+# Thumbnails of flagged training images per row.
+REVIEW_COLUMNS = 4
 
 
 def fit_page() -> None:
@@ -53,10 +60,11 @@ def fit_page() -> None:
     )
     show_flash()
     job = get_job(st.session_state.get(state.FIT_JOB))
+    refit = None
     if job is not None and job.running:
         _progress(job.id)
     elif job is not None:
-        _outcome(job)
+        refit = _outcome(job)
     else:
         _ready_note()
     _others_running(job)
@@ -85,6 +93,8 @@ def fit_page() -> None:
         request = _extend_form(items, entries, root, busy)
     else:
         request = _new_form(items, root, busy)
+    if refit is not None:
+        request = _refit_request(refit, items, root)
     if request is not None:
         request.source = "demo" if is_demo(items) else "upload"
         try:
@@ -113,7 +123,8 @@ def _progress(job_id: int) -> None:
         job.cancelled = True
 
 
-def _outcome(job: FitJob) -> None:
+def _outcome(job: FitJob) -> FitJob | None:
+    """Say how the fit ended; returns the job when asked to fit it again."""
     name = escape_markdown(repr(job.request.name))
     if job.cancelled and job.path is None:
         st.info(f"The fit of {name} was cancelled; nothing was saved.")
@@ -142,9 +153,82 @@ def _outcome(job: FitJob) -> None:
         for note in job.notes:
             st.info(escape_markdown(note))
     show_warnings(job.warnings)
+    refit = None
+    if job.error is None and job.review is not None:
+        refit = job if _review_outcome(job.review) else None
     if job.error is None:
         st.page_link(INSPECT_PAGE, label="Inspect images", icon=":material/search:")
     report_skipped(job.skipped)
+    return refit
+
+
+def _review_outcome(review: ReviewOutcome) -> bool:
+    """Show the flagged training images; True when a fit without them is asked."""
+    if review.note is not None:
+        st.warning(escape_markdown(review.note[0].upper() + review.note[1:]) + ".")
+        return False
+    if not review.flagged:
+        st.success(
+            f"None of the {review.reviewed:,} training images looks unlike the rest: "
+            "each was scored by a model fitted without it, and none scored far above "
+            "the others."
+        )
+        return False
+    count = len(review.flagged)
+    st.warning(
+        f"{count} of {review.reviewed:,} training images look unlike the rest. Each "
+        "image was scored by a model fitted on the other half of the images; these "
+        f"scored above {review.cutoff:.1f} (modified z-score above "
+        f"{MODIFIED_Z_CUTOFF}). Check whether they really show good parts."
+    )
+    columns = st.columns(REVIEW_COLUMNS)
+    for i, row in enumerate(review.flagged):
+        picture = review.pictures.get(row.path)
+        if picture is not None:
+            columns[i % REVIEW_COLUMNS].image(
+                picture,
+                caption=f"{row.path} · score {row.score:.1f} · z {row.modified_z:.1f}",
+            )
+    st.dataframe(
+        pd.DataFrame(
+            {
+                "image": [row.path for row in review.flagged],
+                "out-of-fold score": [row.score for row in review.flagged],
+                "modified z": [row.modified_z for row in review.flagged],
+            }
+        ),
+        hide_index=True,
+        column_config={
+            "out-of-fold score": st.column_config.NumberColumn(format="%.1f"),
+            "modified z": st.column_config.NumberColumn(format="%.1f"),
+        },
+    )
+    return st.button(
+        f"Fit again without these {count} images",
+        icon=":material/refresh:",
+        key="fit_again_without",
+    )
+
+
+def _refit_request(job: FitJob, items: list[Item], root) -> FitRequest | None:
+    """A new fit like ``job``'s, on the images chosen minus the flagged ones."""
+    flagged = {row.path for row in job.review.flagged}
+    kept = [item for item in items if item.name not in flagged]
+    if len(items) - len(kept) != len(flagged):
+        st.error(
+            "The images chosen below are no longer those of that fit, so the flagged "
+            "ones cannot be left out of them. Choose the same images again, or fit "
+            "without the flagged files by hand."
+        )
+        return None
+    base = workspace.safe_name(f"{job.path.stem}-without-outliers")
+    return replace(
+        job.request,
+        items=kept,
+        name=workspace.unique_name(base, root, names_in_use(root)),
+        root=root,
+        device=state.device(),
+    )
 
 
 def _ready_note() -> None:
@@ -227,6 +311,16 @@ def _new_form(items: list[Item], root, busy: bool) -> FitRequest | None:
     with right:
         name = _name_field(items, root)
     seed, batch_size, hold_out, pre_trained = _more_settings(backbone)
+    review = st.checkbox(
+        REVIEW_LABEL,
+        False,
+        key="fit_review",
+        persist_state=PERSIST,
+        help="Scores each training image with a model fitted on the other half of "
+        "them and lists those that score far above the rest: worn or defective "
+        f"parts filed as good. Needs at least {MIN_REVIEW_IMAGES} images; the "
+        "model itself is the same as without the check.",
+    )
     config = {
         "backbone": backbone,
         "layers": tuple(layers),
@@ -245,7 +339,7 @@ def _new_form(items: list[Item], root, busy: bool) -> FitRequest | None:
     )
     if not clicked:
         return None
-    return _new_request(items, root, name, config, batch_size, hold_out)
+    return _new_request(items, root, name, config, batch_size, hold_out, review)
 
 
 def _more_settings(backbone: str) -> tuple[int, int, bool, bool]:
@@ -335,7 +429,9 @@ def _default_name(items: list[Item], root) -> str:
     return workspace.unique_name(base, root, names_in_use(root))
 
 
-def _new_request(items, root, name, config, batch_size, hold_out) -> FitRequest | None:
+def _new_request(
+    items, root, name, config, batch_size, hold_out, review
+) -> FitRequest | None:
     try:
         name = workspace.check_name(name)
         make_config(**config)
@@ -349,6 +445,7 @@ def _new_request(items, root, name, config, batch_size, hold_out) -> FitRequest 
         device=state.device(),
         batch_size=int(batch_size),
         hold_out=hold_out,
+        review=review,
         **config,
     )
 

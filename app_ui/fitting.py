@@ -24,13 +24,17 @@ from pathlib import Path
 
 import streamlit as st
 import torch
+from PIL import Image
 
+from app_ui.figures import display_image
 from app_ui.fit_warnings import WarningLog, collecting
 from app_ui.sources import Item, hold_uploads, release_uploads
-from padim_core import workspace
+from padim_core import visualize, workspace
+from padim_core.anomaly_map import anomaly_maps
 from padim_core.backbones import WeightsUnavailableError
-from padim_core.images import ImageError, Skipped
-from padim_core.model import DEFAULT_BATCH_SIZE, Padim
+from padim_core.images import ImageError, Skipped, read_image
+from padim_core.metrics import normalize_scores
+from padim_core.model import DEFAULT_BATCH_SIZE, FitReport, Padim
 from padim_core.model_file import (
     MODEL_SUFFIX,
     ModelFileError,
@@ -38,6 +42,7 @@ from padim_core.model_file import (
     read_header,
     save_model,
 )
+from padim_core.review import ReviewRow, TrainingReview, fit_with_review
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +53,10 @@ MIN_IMAGES_FOR_HOLDOUT = 5
 
 # Finished fits remembered, so a page can still say how each one ended.
 KEPT_JOBS = 20
+
+# Flagged training images shown with a heatmap; the rest are listed only.
+REVIEW_PICTURES = 12
+REVIEW_PICTURE_SIDE = 240
 
 # A first threshold at or below this (Mahalanobis distances are >= 0) means
 # the held-out images match the training ones exactly, as copies or flat
@@ -79,6 +88,7 @@ class FitRequest:
     hold_out: bool = True
     source: str = "upload"
     extend: Path | None = None
+    review: bool = False
 
 
 @dataclass
@@ -100,6 +110,7 @@ class FitJob:
     warnings: list[str] = field(default_factory=list)
     path: Path | None = None
     cancelled: bool = False
+    review: ReviewOutcome | None = None
 
     @property
     def running(self) -> bool:
@@ -110,6 +121,25 @@ class FitJob:
     def elapsed(self) -> float:
         """Seconds since the start, or the whole run once finished."""
         return (self.finished or time.perf_counter()) - self.started
+
+
+@dataclass
+class ReviewOutcome:
+    """What the review of a fit's training images found, for its page.
+
+    Attributes:
+        reviewed: Number of training images scored out of fold.
+        flagged: The flagged rows, highest score first, without distances.
+        pictures: Heatmap thumbnails of the first flagged images, by name.
+        cutoff: The out-of-fold score above which an image is flagged.
+        note: Why there was no review (too few images); None when made.
+    """
+
+    reviewed: int = 0
+    flagged: list[ReviewRow] = field(default_factory=list)
+    pictures: dict[str, Image.Image] = field(default_factory=dict)
+    cutoff: float | None = None
+    note: str | None = None
 
 
 @st.cache_resource
@@ -188,7 +218,7 @@ def start_fit(request: FitRequest) -> FitJob:
     if request.extend is None:
         _take_name(request)
     _forget_old_jobs()
-    job = FitJob(request, total=len(request.items))
+    job = FitJob(request, total=_files_to_handle(request))
     _registry()[job.id] = job
     held = hold_uploads(request.items)
     thread = threading.Thread(
@@ -196,6 +226,16 @@ def start_fit(request: FitRequest) -> FitJob:
     )
     thread.start()
     return job
+
+
+def _files_to_handle(request: FitRequest) -> int:
+    """Files the job reads: the review reads the training images twice."""
+    if not (request.review and request.extend is None):
+        return len(request.items)
+    train, held = (
+        split_holdout(request.items) if request.hold_out else (request.items, [])
+    )
+    return 2 * len(train) + len(held)
 
 
 def split_holdout(items: list[Item]) -> tuple[list[Item], list[Item]]:
@@ -277,12 +317,15 @@ def _fit_new(job: FitJob) -> None:
         device=request.device,
     )
     job.phase = "Fitting"
-    report = padim.fit(
-        [item.pair() for item in train], request.batch_size, _progress(job)
-    )
+    if request.review:
+        report = _fit_and_review(job, padim, train)
+    else:
+        report = padim.fit(
+            [item.pair() for item in train], request.batch_size, _progress(job)
+        )
     job.n_images, job.skipped = report.images, list(report.skipped)
     if held:
-        _set_thresholds(job, padim, held, offset=len(train))
+        _set_thresholds(job, padim, held, offset=job.total - len(held))
     padim.metadata.update(
         name=request.name,
         source=request.source,
@@ -303,6 +346,59 @@ def _fit_new(job: FitJob) -> None:
             f"so this one is saved as {path.stem}."
         )
     _done(job, path)
+
+
+def _fit_and_review(job: FitJob, padim: Padim, train: list[Item]) -> FitReport:
+    """Fit, then score each training image with the other fold's model."""
+    files = len(train)
+
+    def progress(done: int, total: int) -> None:
+        _stop_if_cancelled(job)
+        if done > files:
+            job.phase = "Checking the training images for outliers"
+        job.done = done
+
+    report, review = fit_with_review(
+        padim,
+        [item.pair() for item in train],
+        job.request.batch_size,
+        progress,
+        keep_distances=True,
+    )
+    report.skipped.extend(review.skipped)
+    job.review = ReviewOutcome(
+        reviewed=len(review.rows),
+        flagged=review.flagged,
+        cutoff=review.cutoff,
+        note=review.note,
+    )
+    by_name = {item.name: item for item in train}
+    for row in job.review.flagged[:REVIEW_PICTURES]:
+        try:
+            job.review.pictures[row.path] = _review_picture(
+                by_name[row.path], row, review, padim.config.image_size
+            )
+        except ImageError as error:  # gone since it was scored: listed only
+            logger.info("no review picture of %s: %s", row.path, error)
+    for row in review.rows:
+        row.distances = None  # keep only the thumbnails
+    padim.metadata["review_flagged"] = len(job.review.flagged)
+    return report
+
+
+def _review_picture(
+    item: Item, row: ReviewRow, review: TrainingReview, size: int
+) -> Image.Image:
+    """A thumbnail of the image under its out-of-fold heatmap.
+
+    Yellow is the review's cut-off score; red the highest score reviewed.
+    """
+    image = display_image(read_image(item.source(), item.name), REVIEW_PICTURE_SIDE)
+    heat = anomaly_maps(row.distances.unsqueeze(0), (size, size))[0].numpy()
+    highest = max(r.score for r in review.rows)
+    cutoff = min(review.cutoff, highest)
+    normalized = normalize_scores(heat, cutoff, 0.0, max(highest, cutoff))
+    return visualize.overlay(image, normalized)
 
 
 def _set_thresholds(job: FitJob, padim: Padim, held: list[Item], offset: int) -> None:

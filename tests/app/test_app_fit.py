@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 from apptools import (
     assert_clean,
@@ -14,6 +16,7 @@ from apptools import (
     wait_for,
     zip_bytes,
 )
+from PIL import Image, ImageDraw
 
 from padim_core import demo, workspace
 from padim_core.backbones import cached_weights_path
@@ -151,3 +154,56 @@ def test_few_images_are_warned_about_once(workspace_root):
 
     assert_clean(at)
     assert texts(at.warning).count("fitted on 4 images for 20 channels") == 1
+
+
+def test_the_outlier_check_is_off_by_default(workspace_root):
+    at = open_page("fit")
+    check = at.checkbox(key="fit_review")
+    assert check.label == (
+        "Check the training images for outliers (one more pass over them)"
+    )
+    assert check.value is False
+
+
+def _odd_cell(path) -> bytes:
+    """A demo cell with a bright block painted over its middle."""
+    picture = Image.open(path).convert("RGB")
+    side = min(picture.size)
+    ImageDraw.Draw(picture).rectangle(
+        [side // 4, side // 4, 3 * side // 4, 3 * side // 4], fill=(255, 255, 255)
+    )
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_the_check_lists_an_odd_training_image_and_fits_again_without_it(
+    workspace_root,
+):
+    at = open_page("fit")
+    at.radio(key="fit_source").set_value("Upload files or a zip").run()
+    cells = demo.train_images(20)
+    files = [*demo_uploads(cells), upload("odd.png", _odd_cell(cells[0]))]
+    at.file_uploader(key="fit_Upload files or a zip").set_value(files).run()
+    small_settings(at)
+    at.toggle(key="fit_hold_out").set_value(False)
+    at.checkbox(key="fit_review").check().run()
+    by_label(at.button, "Fit model").click().run()
+    wait_for(at, finished)
+
+    assert_clean(at)
+    warned = texts(at.warning)
+    assert " of 21 training images look unlike the rest" in warned
+    count = int(warned.split(" of 21 ")[0].split()[-1])
+    listed = at.dataframe[0].value
+    assert listed["image"].iloc[0] == "odd.png"  # the highest score first
+    assert len(listed) == count == len(at.get("image"))
+    first = workspace.get_active(workspace_root)
+    assert first.n_images == 21
+
+    by_label(at.button, f"Fit again without these {count} images").click().run()
+    wait_for(at, lambda at: finished(at) and "without" in texts(at.success))
+    assert_clean(at)
+    second = workspace.get_active(workspace_root)
+    assert second.name == f"{first.name}-without-outliers"
+    assert second.n_images == 21 - count
