@@ -101,17 +101,7 @@ def _image_threshold(entry: ModelEntry, scored: Scored, labels: np.ndarray) -> f
         hint = f"F1-optimal threshold on these images: {raw(suggested)} (F1 {f1:.3f})."
     else:
         suggested, hint = _percentile_suggestion(good)
-    top, step = model_slider_range(entry, scores)
-    left, right = st.columns([3, 1], vertical_alignment="center")
-    with left:
-        image = threshold_slider(entry, "image", PAGE, top, step, suggested)
-    right.button(
-        f"Use suggested ({raw(suggested)})",
-        on_click=set_threshold,
-        args=(entry, PAGE),
-        kwargs={"image": suggested},
-        key=f"{PAGE}_use_image",
-    )
+    image = _suggested_slider(entry, "image", scores, suggested)
     st.caption(hint)
     _rates(labels, scores, image)
     low, high = validation_range(scores, labels, image)
@@ -122,6 +112,24 @@ def _image_threshold(entry: ModelEntry, scored: Scored, labels: np.ndarray) -> f
         roc.plotly_chart(roc_figure(labels, scores, image), width="stretch")
         pr.plotly_chart(pr_figure(labels, scores, image), width="stretch")
     return image
+
+
+def _suggested_slider(
+    entry: ModelEntry, which: str, scores: np.ndarray, suggested: float
+) -> float:
+    """The ``which`` threshold's slider, beside a button that sets ``suggested``."""
+    top, step = model_slider_range(entry, scores)
+    left, right = st.columns([3, 1], vertical_alignment="center")
+    with left:
+        value = threshold_slider(entry, which, PAGE, top, step, suggested)
+    right.button(
+        f"Use suggested ({raw(suggested)})",
+        on_click=set_threshold,
+        args=(entry, PAGE),
+        kwargs={which: suggested},
+        key=f"{PAGE}_use_{which}",
+    )
+    return value
 
 
 def _percentile_suggestion(good: np.ndarray) -> tuple[float, str]:
@@ -203,17 +211,7 @@ def _pixel_slider(
     entry: ModelEntry, scored: Scored, found: dict, n_masks: int
 ) -> float:
     suggested = found["suggested"]
-    top, step = model_slider_range(entry, scored.scores)
-    left, right = st.columns([3, 1], vertical_alignment="center")
-    with left:
-        pixel = threshold_slider(entry, "pixel", PAGE, top, step, suggested)
-    right.button(
-        f"Use suggested ({raw(suggested)})",
-        on_click=set_threshold,
-        args=(entry, PAGE),
-        kwargs={"pixel": suggested},
-        key=f"{PAGE}_use_pixel",
-    )
+    pixel = _suggested_slider(entry, "pixel", scored.scores, suggested)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", metrics.MetricWarning)
         f1 = metrics.f1_at_threshold(found["sample_masks"], found["sample_maps"], pixel)
