@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import tomllib
+from pathlib import Path
 
 import pytest
 from apptools import (
@@ -15,6 +17,7 @@ from apptools import (
     upload,
     zip_bytes,
 )
+from streamlit import config
 from streamlit.runtime.media_file_manager import MediaFileManager
 
 from app_ui.widgets import spreadsheet_safe
@@ -91,6 +94,15 @@ def test_the_csv_keeps_formula_like_names_as_text(fitted, monkeypatch, name):
     (row,) = csv.DictReader(io.StringIO(offered[-1].decode()))
     assert row["path"] == f"'{name}"
     assert at.dataframe[-1].value["path"][0] == name  # the table shows it as is
+
+
+def test_tables_offer_no_csv_download_of_their_own():
+    # Their built-in CSV would pass formula-like file names on unquoted.
+    settings = Path(__file__).resolve().parents[2] / ".streamlit" / "config.toml"
+    client = tomllib.loads(settings.read_text())["client"]
+
+    assert "client.disableDataExport" in config.get_config_options()
+    assert client["disableDataExport"] is True
 
 
 @pytest.mark.parametrize("text", ["=1+1", "+1", "-1", "@A1", "\t=1", "\r=1"])
