@@ -164,8 +164,7 @@ def _outcome(job: FitJob) -> FitJob | None:
 
 def _review_outcome(review: ReviewOutcome) -> bool:
     """Show the flagged training images; True when a fit without them is asked."""
-    if review.note is not None:
-        st.warning(escape_markdown(review.note[0].upper() + review.note[1:]) + ".")
+    if review.note is not None:  # among the fit's warnings already
         return False
     if not review.flagged:
         st.success(
@@ -175,11 +174,12 @@ def _review_outcome(review: ReviewOutcome) -> bool:
         )
         return False
     count = len(review.flagged)
+    look, these = ("looks", "it") if count == 1 else ("look", "these")
     st.warning(
-        f"{count} of {review.reviewed:,} training images look unlike the rest. Each "
-        "image was scored by a model fitted on the other half of the images; these "
-        f"scored above {review.cutoff:.1f} (modified z-score above "
-        f"{MODIFIED_Z_CUTOFF}). Check whether they really show good parts."
+        f"{count} of {review.reviewed:,} training images {look} unlike the rest. Each "
+        "image was scored by a model fitted on the other half of the images; "
+        f"{these} scored above {review.cutoff:.1f} (modified z-score above "
+        f"{MODIFIED_Z_CUTOFF}). Check whether {these} really show good parts."
     )
     columns = st.columns(REVIEW_COLUMNS)
     for i, row in enumerate(review.flagged):
@@ -204,10 +204,17 @@ def _review_outcome(review: ReviewOutcome) -> bool:
         },
     )
     return st.button(
-        f"Fit again without these {count} images",
+        _refit_label(count),
         icon=":material/refresh:",
         key="fit_again_without",
     )
+
+
+def _refit_label(count: int) -> str:
+    """The label of the button that fits again without ``count`` images."""
+    if count == 1:
+        return "Fit again without this image"
+    return f"Fit again without these {count} images"
 
 
 def _refit_request(job: FitJob, items: list[Item], root) -> FitRequest | None:

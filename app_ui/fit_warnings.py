@@ -1,14 +1,14 @@
 """Warnings of a background fit, collected for its page.
 
 The engine warns through :mod:`warnings` (too few images, identical
-features, odd images). A fit runs on its own thread while pages run on
-others, so ``warnings.catch_warnings``, which swaps process-wide state, would
-mix the threads' warnings up and could leave the wrong handler installed when
-two of them end out of order. Instead, one handler, installed once, hands
-each warning of the engine's kinds to the fit it belongs to: the one running
-on the current thread, or, for an image decoded on a helper thread, the fit
-that holds an image of that name. Every other warning goes where it went
-before.
+features, odd images, a review that could not be made). A fit runs on its
+own thread while pages run on others, so ``warnings.catch_warnings``, which
+swaps process-wide state, would mix the threads' warnings up and could leave
+the wrong handler installed when two of them end out of order. Instead, one
+handler, installed once, hands each warning of the engine's kinds to the fit
+it belongs to: the one running on the current thread, or, for an image
+decoded on a helper thread, the fit that holds an image of that name. Every
+other warning goes where it went before.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from collections.abc import Iterable, Iterator
 
 from padim_core.gaussian import FewImagesWarning
 from padim_core.images import ImageWarning
+from padim_core.review import ReviewWarning
 
 logger = logging.getLogger(__name__)
 
 # The engine's warnings a user can act on; other libraries' stay in the log.
-COLLECTED = (FewImagesWarning, ImageWarning)
+COLLECTED = (FewImagesWarning, ImageWarning, ReviewWarning)
 
 _lock = threading.Lock()
 _current = threading.local()

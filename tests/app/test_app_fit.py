@@ -193,7 +193,7 @@ def test_the_check_lists_an_odd_training_image_and_fits_again_without_it(
 
     assert_clean(at)
     warned = texts(at.warning)
-    assert " of 21 training images look unlike the rest" in warned
+    assert " of 21 training images look" in warned
     count = int(warned.split(" of 21 ")[0].split()[-1])
     listed = at.dataframe[0].value
     assert listed["image"].iloc[0] == "odd.png"  # the highest score first
@@ -201,9 +201,27 @@ def test_the_check_lists_an_odd_training_image_and_fits_again_without_it(
     first = workspace.get_active(workspace_root)
     assert first.n_images == 21
 
-    by_label(at.button, f"Fit again without these {count} images").click().run()
+    label = "this image" if count == 1 else f"these {count} images"
+    by_label(at.button, f"Fit again without {label}").click().run()
     wait_for(at, lambda at: finished(at) and "without" in texts(at.success))
     assert_clean(at)
     second = workspace.get_active(workspace_root)
     assert second.name == f"{first.name}-without-outliers"
     assert second.n_images == 21 - count
+
+
+def test_the_check_of_too_few_images_says_why_and_keeps_the_model(workspace_root):
+    at = open_page("fit")
+    at.radio(key="fit_source").set_value("Upload files or a zip").run()
+    at.file_uploader(key="fit_Upload files or a zip").set_value(
+        demo_uploads(demo.train_images(3))
+    ).run()
+    small_settings(at)
+    at.checkbox(key="fit_review").check().run()
+    by_label(at.button, "Fit model").click().run()
+    wait_for(at, finished)
+
+    assert_clean(at)
+    assert "saved" in texts(at.success)
+    assert "needs at least 4 usable images" in texts(at.warning)
+    assert workspace.get_active(workspace_root).n_images == 3
