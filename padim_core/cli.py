@@ -16,11 +16,13 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -213,7 +215,10 @@ def run_fit(args: argparse.Namespace) -> int:
         report = padim.fit(paths, args.batch_size, _progress(args.quiet, "fit"))
     else:
         progress = _progress(args.quiet, "fit")
-        report = ray_engine.fit(padim, paths, args.batch_size, progress, args.address)
+        with _standard_output(divert=True):
+            report = ray_engine.fit(
+                padim, paths, args.batch_size, progress, args.address
+            )
     _report_skipped(skipped + report.skipped)
     padim.metadata["train_dir"] = str(args.train)
     save_model(padim, args.out)
@@ -280,28 +285,29 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UsageError("no image files among the paths given")
     rows, grids = [], []
     progress = _progress(args.quiet, "predict")
-    if ray_engine is None:
-        batches = padim.predict_batches(paths, args.batch_size)
-    else:
-        # Overlays are drawn from the patch distances: no maps need travel.
-        batches = ray_engine.predict_batches(
-            padim, paths, args.batch_size, args.address, maps=False
-        )
-    for prediction, batch_skipped, batch in batches:
-        skipped.extend(batch_skipped)
-        progress(batch.done, batch.total)
-        if prediction is None:
-            continue
-        for name, score, grid in zip(
-            prediction.names, prediction.scores.tolist(), prediction.distances
-        ):
-            rows.append((name, score, _verdict(score, threshold)))
-            if args.out is not None:
-                grids.append(grid)
-    _report_skipped(skipped)
-    if not rows:
-        raise UsageError("none of the images could be used")
-    _write_rows(rows, args.csv)
+    with _standard_output(divert=ray_engine is not None) as standard_output:
+        if ray_engine is None:
+            batches = padim.predict_batches(paths, args.batch_size)
+        else:
+            # Overlays are drawn from the patch distances: no maps need travel.
+            batches = ray_engine.predict_batches(
+                padim, paths, args.batch_size, args.address, maps=False
+            )
+        for prediction, batch_skipped, batch in batches:
+            skipped.extend(batch_skipped)
+            progress(batch.done, batch.total)
+            if prediction is None:
+                continue
+            for name, score, grid in zip(
+                prediction.names, prediction.scores.tolist(), prediction.distances
+            ):
+                rows.append((name, score, _verdict(score, threshold)))
+                if args.out is not None:
+                    grids.append(grid)
+        _report_skipped(skipped)
+        if not rows:
+            raise UsageError("none of the images could be used")
+        _write_rows(rows, args.csv, standard_output)
     if args.out is not None:
         _write_overlays(padim, rows, grids, args.out, threshold)
     if threshold is None:
@@ -313,9 +319,35 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_rows(rows: list[tuple[str, float, str]], path: Path | None) -> None:
+@contextlib.contextmanager
+def _standard_output(divert: bool) -> Iterator[TextIO]:
+    """Yield where output meant for standard output goes.
+
+    With ``divert``, whatever else writes to file descriptor 1 during the
+    block lands on standard error, and only what is written to the yielded
+    handle reaches standard output. Ray's driver prints notices about dead
+    workers on descriptor 1, which would otherwise mix into a CSV there.
+    """
+    if not divert:
+        yield sys.stdout
+        return
+    sys.stdout.flush()
+    kept = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with open(os.dup(kept), "w", newline="", closefd=True) as handle:
+            yield handle
+    finally:
+        sys.stdout.flush()
+        os.dup2(kept, 1)
+        os.close(kept)
+
+
+def _write_rows(
+    rows: list[tuple[str, float, str]], path: Path | None, stdout: TextIO
+) -> None:
     with contextlib.ExitStack() as stack:
-        handle = sys.stdout
+        handle = stdout
         if path is not None:
             handle = stack.enter_context(open(path, "w", newline=""))
         writer = csv.writer(handle)

@@ -25,9 +25,9 @@ Ray Data is not used: a fit returns one partial per worker rather than rows
 (a per-batch partial would be as large as the model), and on a two-core
 machine its start-up took 4 s against 1 s for plain actors.
 
-TODO: Ray prints a dead worker's notice on standard output, where ``predict``
-without ``--csv`` writes its CSV; Ray offers no switch to send it to standard
-error, so a run that lost a worker needs ``--csv`` for a clean file.
+Ray's driver prints notices about dead workers on standard output and offers
+no switch to move them; the command line diverts standard output to standard
+error while Ray runs, so a CSV written there stays clean.
 """
 
 from __future__ import annotations

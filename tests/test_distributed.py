@@ -5,6 +5,8 @@ against the single-process run on the same images, also after a worker
 process dies mid-job.
 """
 
+import csv as csv_module
+import io
 import ipaddress
 import logging
 import os
@@ -463,3 +465,37 @@ def test_the_ray_engine_without_ray_names_the_extra(
 
     assert main([*command, str(test_folder)]) == 2
     assert "pip install -r requirements-ray.txt" in capsys.readouterr().err
+
+
+def test_predict_to_standard_output_stays_a_clean_csv_when_a_worker_dies(
+    model_file, test_folder, tmp_path
+):
+    # A process of its own, so that every notice Ray prints while the command
+    # runs, up to its exit, is in the captured output.
+    marker = tmp_path / "crashed"
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from padim_core import distributed\n"
+        f"distributed._CRASH_MARKER = Path({str(marker)!r})\n"
+        "from padim_core.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    command = ["-q", "predict", "--engine", "ray", "--batch-size", "1"]
+    run = subprocess.run(
+        [sys.executable, "-c", script, *command, "--model", str(model_file)]
+        + [str(test_folder)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert run.returncode == 0, run.stderr
+    assert marker.exists()  # a worker did die
+    assert "(raylet)" in run.stderr  # Ray's notice went to standard error
+    rows = list(csv_module.reader(io.StringIO(run.stdout)))
+    assert rows[0] == ["path", "score", "verdict"]
+    assert len(rows) == 1 + 9
+    assert all(len(row) == 3 and Path(row[0]).exists() for row in rows[1:])
