@@ -209,7 +209,12 @@ def run_fit(args: argparse.Namespace) -> int:
     review = None
     if args.review is not None:
         progress = _review_progress(args.quiet, len(paths))
-        report, review = fit_with_review(padim, paths, args.batch_size, progress)
+        with warnings.catch_warnings():
+            # Too few usable images ends the command with that reason below.
+            warnings.filterwarnings(
+                "ignore", message="the review of the training images needs"
+            )
+            report, review = fit_with_review(padim, paths, args.batch_size, progress)
         report.skipped.extend(review.skipped)
     elif ray_engine is None:
         report = padim.fit(paths, args.batch_size, _progress(args.quiet, "fit"))
@@ -250,7 +255,7 @@ def _check_review(args: argparse.Namespace, ray_engine, found: int) -> None:
 def _write_review(review: TrainingReview, path: Path) -> None:
     """Write the review's CSV and name the flagged images on stderr."""
     if review.note is not None:
-        raise UsageError(f"{review.note}; the model was written, no review")
+        raise UsageError(f"{review.note}; the model was written, {path} was not")
     write_csv(review, path)
     for row in review.flagged:
         print(

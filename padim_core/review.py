@@ -54,9 +54,6 @@ MODIFIED_Z_CUTOFF = 3.5
 # that the outliers themselves barely move (exact for normal data).
 MAD_TO_SIGMA = 1.4826
 
-# A cell that starts with one of these is a formula to a spreadsheet.
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
 CSV_COLUMNS = ("path", "out_of_fold_score", "modified_z", "flagged")
 
 
@@ -345,24 +342,19 @@ def _flag(rows: list[ReviewRow]) -> float | None:
     return float(median + MODIFIED_Z_CUTOFF * spread)
 
 
-def spreadsheet_safe(text: str) -> str:
-    """``text`` for a CSV cell that a spreadsheet shows and never evaluates.
-
-    A file named ``=HYPERLINK(...).png`` would otherwise run as a formula
-    where the CSV is opened; a leading single quote keeps it text.
-    """
-    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
-
-
 def write_csv(review: TrainingReview, path: Path) -> None:
-    """Write ``path,out_of_fold_score,modified_z,flagged``, highest score first."""
+    """Write ``path,out_of_fold_score,modified_z,flagged``, highest score first.
+
+    Paths are written exactly as found, like ``predict``'s CSV, so that a
+    script can move or open the flagged files.
+    """
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
         for row in review.by_score():
             writer.writerow(
                 [
-                    spreadsheet_safe(row.path),
+                    row.path,
                     f"{row.score:.4f}",
                     f"{row.modified_z:.3f}",
                     "true" if row.flagged else "false",
