@@ -112,7 +112,7 @@ def _progress(job_id: int) -> None:
     if job is None or not job.running:
         st.rerun()
     label = f"{job.phase} ({escape_markdown(job.request.name)})"
-    text = time_left_text(label, job.done, job.total, job.elapsed)
+    text = time_left_text(label, job.done, job.total, job.elapsed, job.step)
     st.progress(min(job.done / max(job.total, 1), 1.0), text=text)
     note, stop = st.columns([4, 1], vertical_alignment="center")
     note.caption(

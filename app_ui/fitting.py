@@ -111,6 +111,9 @@ class FitJob:
     path: Path | None = None
     cancelled: bool = False
     review: ReviewOutcome | None = None
+    # Images done and in all of the current pass, for a job that reads its
+    # images more than once; None when ``done`` and ``total`` say it.
+    step: tuple[int, int] | None = None
 
     @property
     def running(self) -> bool:
@@ -357,6 +360,7 @@ def _fit_and_review(job: FitJob, padim: Padim, train: list[Item]) -> FitReport:
         if done > files:
             job.phase = "Checking the training images for outliers"
         job.done = done
+        job.step = (done, files) if done <= files else (done - files, files)
 
     report, review = fit_with_review(
         padim,
@@ -403,9 +407,11 @@ def _review_picture(
 
 def _set_thresholds(job: FitJob, padim: Padim, held: list[Item], offset: int) -> None:
     job.phase = "Scoring held-out images for a first threshold"
+    job.step = None if job.step is None else (0, len(held))
     prediction, skipped = padim.predict([item.pair() for item in held])
     job.skipped.extend(skipped)
     job.done = offset + len(held)
+    job.step = None if job.step is None else (len(held), len(held))
     if prediction is None:
         job.warnings.append(
             "No held-out image could be scored, so no threshold is set."

@@ -60,9 +60,21 @@ def _join(match: re.Match) -> str:
     return head + _WORD_JOINER + tail
 
 
-def time_left_text(label: str, done: int, total: int, elapsed: float) -> str:
-    """``Label: 12 of 120 images · 8 s · about 40 s left``."""
-    text = f"{label}: {done:,} of {total:,} images · {duration(elapsed)}"
+def time_left_text(
+    label: str,
+    done: int,
+    total: int,
+    elapsed: float,
+    shown: tuple[int, int] | None = None,
+) -> str:
+    """``Label: 12 of 120 images · 8 s · about 40 s left``.
+
+    ``shown`` replaces the counts in the words, for a job that reads its
+    images more than once: (done, total) of the current pass, while the time
+    left still comes from the whole job's ``done`` and ``total``.
+    """
+    done_shown, total_shown = shown or (done, total)
+    text = f"{label}: {done_shown:,} of {total_shown:,} images · {duration(elapsed)}"
     if 0 < done < total:
         text += f" · about {duration(elapsed / done * (total - done))} left"
     return text

@@ -9,6 +9,7 @@ import pytest
 
 from app_ui.fitting import FitRequest, get_job, split_holdout, start_fit
 from app_ui.sources import Item, demo_items
+from app_ui.widgets import time_left_text
 from padim_core import demo, workspace
 from padim_core.model import Thresholds
 
@@ -48,6 +49,33 @@ def test_a_fit_job_saves_the_model_and_makes_it_active(tmp_path):
     assert workspace.get_active(tmp_path).name == "job"
     assert (job.n_images, job.held_out) == (9, 1)
     assert job.request.items == []  # the uploads are let go
+
+
+def test_a_checked_fit_counts_the_images_of_each_pass(tmp_path):
+    request = _request(tmp_path, 20)
+    request.review = True
+    job = start_fit(request)
+    seen = set()
+    while job.running:
+        seen.add((job.phase, job.step))
+        time.sleep(0.01)
+
+    assert job.error is None
+    assert job.total == 2 * 18 + 2  # 18 images read twice, 2 held out
+    assert job.step == (2, 2)
+    steps = [step for _, step in seen if step is not None]
+    assert steps and all(0 <= done <= total for done, total in steps)
+    assert {total for _, total in steps} <= {18, 2}
+    checking = [s for phase, s in seen if phase.startswith("Checking") and s]
+    assert all(done <= 18 for done, _ in checking)
+
+
+def test_the_progress_words_count_the_pass_and_the_time_left_the_job():
+    text = time_left_text("Checking", 20, 40, 10.0, shown=(2, 20))
+    assert text == "Checking: 2 of 20 images · 10 s · about 10 s left"
+    assert time_left_text("Fitting", 5, 20, 5.0) == (
+        "Fitting: 5 of 20 images · 5 s · about 15 s left"
+    )
 
 
 def test_a_cancelled_fit_saves_nothing(tmp_path):
