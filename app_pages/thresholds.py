@@ -178,7 +178,27 @@ def _rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> None:
         delta_arrow="off",
     )
     cols[2].metric("F1 at this threshold", "n/a" if np.isnan(f1) else f"{f1:.3f}")
-    cols[3].metric("Image AUROC", "n/a" if np.isnan(auroc) else f"{auroc:.3f}")
+    if np.isnan(auroc):
+        cols[3].metric("Image AUROC", "n/a")
+    else:
+        low, high = _auroc_interval(labels, scores)
+        cols[3].metric(
+            "Image AUROC",
+            f"{auroc:.3f}",
+            f"95 % interval {low:.3f} to {high:.3f}",
+            delta_color="off",
+            delta_arrow="off",
+            help=(
+                "From 2,000 bootstrap resamples of these images: how far the "
+                "AUROC could move on another set of this size."
+            ),
+        )
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _auroc_interval(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """The image AUROC's bootstrap interval; slider moves reuse it."""
+    return metrics.image_auroc_interval(labels, scores)
 
 
 def _pixel_threshold(

@@ -481,8 +481,11 @@ def _evaluation(
         pixel_threshold = math.nan
         if masks.any():
             pixel_threshold, _ = metrics.optimal_pixel_threshold(masks, maps)
+        interval = metrics.image_auroc_interval(labels, scores)
         values = {
             "image_auroc": metrics.image_auroc(labels, scores),
+            "image_auroc_low": interval[0],
+            "image_auroc_high": interval[1],
             "pixel_auroc": metrics.pixel_auroc(masks, maps),
             "aupro": metrics.aupro(masks, maps),
             "image_f1": f1,

@@ -131,6 +131,8 @@ def test_evaluate_prints_metrics_and_saves_thresholds(model, subset, tmp_path, c
     for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1", "threshold"):
         assert 0 <= result[key] <= 1 or key == "threshold", key
     assert (result["n_good"], result["n_defect"]) == (6, 6)
+    low, high = result["image_auroc_low"], result["image_auroc_high"]
+    assert 0 <= low <= result["image_auroc"] <= high <= 1
     # 24 training images at 128 px: well above chance, far from the full fit.
     assert result["pixel_auroc"] > 0.6
     assert load_model(model).thresholds.image == pytest.approx(result["threshold"])

@@ -14,8 +14,10 @@ from padim_core.metrics import (
     MetricWarning,
     ThresholdRates,
     aupro,
+    bootstrap_image_aurocs,
     f1_at_threshold,
     image_auroc,
+    image_auroc_interval,
     normalize_scores,
     optimal_f1_threshold,
     optimal_pixel_threshold,
@@ -448,3 +450,49 @@ def test_pixel_sample_refuses_an_empty_sample() -> None:
     masks, maps = _pixel_stack(0, 2, 4)
     with pytest.raises(ValueError, match="max_pixels must be at least 1, got 0"):
         pixel_sample(masks, maps, 0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_bootstrap_aurocs_are_those_of_the_stated_resamples(seed):
+    labels, scores = _image_case(seed)
+    scores = np.round(scores, 1)  # ties count half, as in roc_auc_score
+    aurocs = bootstrap_image_aurocs(labels, scores, resamples=50, seed=seed)
+
+    rng = np.random.default_rng(seed)
+    good, defective = scores[labels == 0], scores[labels == 1]
+    for auroc in aurocs:
+        drawn_good = good[rng.integers(0, good.size, good.size)]
+        drawn_defective = defective[rng.integers(0, defective.size, defective.size)]
+        expected = roc_auc_score(
+            np.r_[np.zeros(good.size), np.ones(defective.size)],
+            np.r_[drawn_good, drawn_defective],
+        )
+        assert auroc == pytest.approx(expected, abs=1e-12)
+
+
+def test_the_auroc_interval_holds_the_auroc_and_narrows_with_more_images():
+    labels, scores = _image_case(0, n_images=60)
+    low, high = image_auroc_interval(labels, scores)
+    assert low < image_auroc(labels, scores) < high
+    assert image_auroc_interval(labels, scores) == (low, high)  # seeded
+
+    many_labels, many_scores = _image_case(0, n_images=2000)
+    many_low, many_high = image_auroc_interval(many_labels, many_scores)
+    assert many_high - many_low < (high - low) / 3
+
+
+def test_perfectly_separated_scores_have_an_interval_of_one():
+    labels = np.array([0, 0, 0, 1, 1])
+    assert image_auroc_interval(labels, [0.1, 0.2, 0.3, 0.8, 0.9]) == (1.0, 1.0)
+
+
+def test_the_auroc_interval_of_one_class_is_undefined():
+    with pytest.warns(MetricWarning, match="image_auroc_interval is undefined"):
+        low, high = image_auroc_interval([0, 0, 0], [0.1, 0.2, 0.3])
+    assert math.isnan(low) and math.isnan(high)
+
+
+@pytest.mark.parametrize(("level", "resamples"), [(0.0, 10), (1.0, 10), (0.9, 0)])
+def test_the_auroc_interval_refuses_impossible_settings(level, resamples):
+    with pytest.raises(ValueError, match="level|resamples"):
+        image_auroc_interval([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8], level, resamples)

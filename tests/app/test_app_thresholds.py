@@ -29,6 +29,9 @@ def test_demo_validation_shows_rates_and_curves(fitted):
     for label in ("False-reject rate", "Escape rate", "Image AUROC"):
         assert metric(at, label) != "n/a"
     assert len(at.get("plotly_chart")) == 3  # histogram, ROC, precision-recall
+    auroc = by_label(at.metric, "Image AUROC")
+    low, high = auroc.delta.removeprefix("95 % interval ").split(" to ")
+    assert float(low) <= float(auroc.value) <= float(high)
 
 
 def test_the_suggested_threshold_can_be_taken_and_saved(fitted):
