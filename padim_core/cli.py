@@ -527,32 +527,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("default")
             warnings.formatwarning = _one_line_warning
             return COMMANDS[args.command](args)
-    except UsageError as error:
-        message = str(error)
-    except (ModelFileError, WeightsUnavailableError, OSError) as error:
-        message = str(error)
-    except (ValueError, TypeError) as error:
-        message = str(error)
-    except RuntimeError as error:
-        if not _lost_ray_worker(error):
-            raise
-        message = str(error)
     except KeyboardInterrupt:
         message = "interrupted"
+    except Exception as error:
+        message = _error_message(error)
+        if message is None:
+            raise
     finally:
         warnings.formatwarning = original_format
     print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
     return 2
 
 
-def _lost_ray_worker(error: RuntimeError) -> bool:
-    """Whether ``error`` is the Ray engine's, for a worker out of restarts.
+def _error_message(error: Exception) -> str | None:
+    """The one-line message for an error the user can act on; None for a bug.
 
-    The engine is imported only with ``--engine ray``, so it is looked up
-    among the loaded modules rather than imported here.
+    Ray is imported only with ``--engine ray``, so its errors are looked up
+    among the loaded modules rather than imported here. An error raised in a
+    Ray worker's own code reaches here wrapped, with the worker's traceback
+    in its text; only the original error's type and message are kept.
     """
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    if ray_exceptions is not None and isinstance(error, ray_exceptions.RayError):
+        cause = getattr(error, "cause", None)
+        if isinstance(error, ray_exceptions.RayTaskError) and cause is not None:
+            return f"a Ray worker failed: {type(cause).__name__}: {cause}"
+        first = str(error).strip().splitlines()[:1] or [""]
+        return f"Ray failed: {type(error).__name__}: {first[0]}"
     engine = sys.modules.get("padim_core.distributed")
-    return engine is not None and isinstance(error, engine.WorkerLostError)
+    if engine is not None and isinstance(error, engine.WorkerLostError):
+        return str(error)
+    expected = (UsageError, ModelFileError, WeightsUnavailableError, OSError)
+    if isinstance(error, (*expected, ValueError, TypeError)):
+        return str(error)
+    return None
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

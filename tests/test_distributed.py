@@ -499,3 +499,29 @@ def test_predict_to_standard_output_stays_a_clean_csv_when_a_worker_dies(
     assert rows[0] == ["path", "score", "verdict"]
     assert len(rows) == 1 + 9
     assert all(len(row) == 3 and Path(row[0]).exists() for row in rows[1:])
+
+
+@pytest.mark.parametrize("raised", [RuntimeError, ValueError, ZeroDivisionError])
+def test_an_error_in_a_workers_own_code_ends_the_command_with_one_line(
+    cluster, model_file, test_folder, monkeypatch, capsys, raised
+):
+    import ray
+
+    @ray.remote
+    def fail() -> None:
+        raise raised("the worker's own message")
+
+    def predict_batches(*args, **kwargs):
+        ray.get(fail.remote())
+        yield from ()
+
+    monkeypatch.setattr(distributed, "predict_batches", predict_batches)
+    command = ["-q", "predict", "--engine", "ray", "--model", str(model_file)]
+
+    status = main([*command, str(test_folder)])
+
+    error = capsys.readouterr().err
+    assert status == 2
+    assert error == (
+        f"error: a Ray worker failed: {raised.__name__}: the worker's own message\n"
+    )
