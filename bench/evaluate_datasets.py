@@ -94,8 +94,11 @@ def main() -> None:
         parser.error("--first must be at least 1")
 
     lines = [
-        "| dataset | backbone | image AUROC | pixel AUROC | AUPRO | images (good / defect) | fit s | evaluate s |",
-        "|---|---|---|---|---|---|---|---|",
+        (
+            "| dataset | backbone | image AUROC | its 95 % bootstrap interval "
+            "| pixel AUROC | AUPRO | images (good / defect) | fit s | evaluate s |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory() as folder:
         for name in args.datasets:
@@ -103,6 +106,7 @@ def main() -> None:
                 r = evaluate(DATASETS / name, fit_arguments, Path(folder), args.first)
                 lines.append(
                     f"| {name} | {label} | {r['image_auroc']:.3f} | "
+                    f"{r['image_auroc_low']:.3f} to {r['image_auroc_high']:.3f} | "
                     f"{r['pixel_auroc']:.3f} | {r['aupro']:.3f} | "
                     f"{r['n_good']} / {r['n_defect']} | {r['fit_seconds']:.0f} | "
                     f"{r['seconds']:.0f} |"
