@@ -7,6 +7,10 @@ two folds, A and B, while the model is fitted, and scores each image with
 the Gaussian of the fold it is not in (its out-of-fold score). The fitted
 model is the same, bit for bit, as a plain fit on the same images and seed.
 
+Images kept out of the fit (held out to set a first threshold) can be
+checked too: each is scored by one fold's Gaussian, half the data and not
+including it, so that its score is on the scale of the out-of-fold ones.
+
 Fold A's statistics are summed beside the full ones; fold B's are the full
 ones minus fold A's, computed in fold A's memory, so the review needs one
 extra scatter (P, C, C), not two.
@@ -20,10 +24,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +59,7 @@ MODIFIED_Z_CUTOFF = 3.5
 # that the outliers themselves barely move (exact for normal data).
 MAD_TO_SIGMA = 1.4826
 
-CSV_COLUMNS = ("path", "out_of_fold_score", "modified_z", "flagged")
+CSV_COLUMNS = ("path", "out_of_fold_score", "modified_z", "flagged", "held_out")
 
 
 class ReviewWarning(UserWarning):
@@ -68,9 +73,12 @@ class ReviewRow:
     Attributes:
         path: The image's name, as the fit reported it.
         fold: 0 for fold A, 1 for fold B: the fold it was in, not scored by.
+            A held-out image is in neither; it was scored by fold
+            ``1 - fold``'s Gaussian.
         score: Its image score under the other fold's Gaussian.
         modified_z: ``(score - median) / (1.4826 * MAD)`` over all rows.
         flagged: Whether ``modified_z`` exceeds :data:`MODIFIED_Z_CUTOFF`.
+        held_out: Whether the image was kept out of the fit.
         distances: Its patch distances (h, w) under the other fold's
             Gaussian, when asked to keep them; else None.
     """
@@ -80,6 +88,7 @@ class ReviewRow:
     score: float
     modified_z: float = float("nan")
     flagged: bool = False
+    held_out: bool = False
     distances: Tensor | None = field(default=None, repr=False)
 
 
@@ -88,8 +97,10 @@ class TrainingReview:
     """The review of a fit's training images.
 
     Attributes:
-        rows: One row per image scored, in the order the images were given.
-        skipped: Images fitted on but unreadable when read again to score.
+        rows: One row per image scored, in the order the images were given:
+            the fitted ones, then the held-out ones.
+        skipped: Images fitted on but unreadable when read again to score,
+            and held-out images that could not be read.
         note: Why no review was made (too few images); None when made.
         seconds: Time taken by the scoring pass and the fold statistics.
         cutoff: The out-of-fold score above which an image is flagged, None
@@ -101,6 +112,11 @@ class TrainingReview:
     note: str | None = None
     seconds: float = 0.0
     cutoff: float | None = None
+
+    @property
+    def held_out(self) -> int:
+        """Number of rows of held-out images."""
+        return sum(row.held_out for row in self.rows)
 
     @property
     def flagged(self) -> list[ReviewRow]:
@@ -153,22 +169,28 @@ def fit_with_review(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: ProgressCallback | None = None,
     keep_distances: bool = False,
+    held_out: Iterable[Source] = (),
 ) -> tuple[FitReport, TrainingReview]:
     """Fit ``padim`` on image files and score each with the other fold's model.
 
-    The model is fitted exactly as :meth:`Padim.fit` fits it. Then each
-    usable image is read again and scored by the Gaussian of the fold it was
-    not in. With fewer than :data:`MIN_REVIEW_IMAGES` usable images the model
-    is fitted, a :class:`ReviewWarning` is raised and the review's ``note``
-    says why it holds no rows.
+    The model is fitted exactly as :meth:`Padim.fit` fits it on ``sources``.
+    Then each usable image is read again and scored by the Gaussian of the
+    fold it was not in, and each ``held_out`` image, never fitted, by one
+    fold's Gaussian. With fewer than :data:`MIN_REVIEW_IMAGES` usable images
+    the model is fitted, a :class:`ReviewWarning` is raised and the review's
+    ``note`` says why it holds no rows.
 
     Args:
         padim: A model with no statistics yet.
         sources: Paths, or (name, path / bytes / PIL image) pairs.
         batch_size: Images per forward pass.
-        progress: Called with (files done, files total) after each batch;
-            every file counts twice, once to fit, once to score.
+        progress: Called with (files done, files total) after each batch.
+            The fit reads ``sources`` first; once it has, the total becomes
+            the files fitted plus the images still to score (the usable
+            ones and ``held_out``), or stays at the files fitted when there
+            is no review.
         keep_distances: Keep each image's patch distances (h, w) in its row.
+        held_out: Images kept out of the fit, to check alongside it.
 
     Returns:
         The fit's report (its ``seconds`` include the review) and the review.
@@ -183,8 +205,8 @@ def fit_with_review(
             f"{padim.n_images} images already"
         )
     start = time.perf_counter()
-    items = list(sources)
-    total = 2 * len(items)
+    items, extra = list(sources), list(held_out)
+    total = 2 * len(items) + len(extra)
     folds = _FoldStatistics(padim.config.seed)
 
     def fit_progress(done: int, _: int) -> None:
@@ -193,7 +215,9 @@ def fit_with_review(
 
     report = padim.add_images(items, batch_size, fit_progress, folds.observe)
     review_start = time.perf_counter()
-    review = _review(padim, items, folds, batch_size, progress, keep_distances)
+    review = _review(
+        padim, items + extra, len(items), folds, batch_size, progress, keep_distances
+    )
     review.seconds = time.perf_counter() - review_start
     padim.finalize()
     report.seconds = time.perf_counter() - start
@@ -242,12 +266,18 @@ def _empty_like(embedding: Tensor, positions: int, channels: int) -> RunningGaus
 def _review(
     padim: Padim,
     items: list[Source],
+    fitted: int,
     folds: _FoldStatistics,
     batch_size: int,
     progress: ProgressCallback | None,
     keep_distances: bool,
 ) -> TrainingReview:
-    """Score fold B by fold A's Gaussian, then fold A by fold B's."""
+    """Score fold B by fold A's Gaussian, then fold A by fold B's.
+
+    ``items`` are the ``fitted`` sources followed by the held-out ones; a
+    held-out image is scored in one of the two passes, chosen as the folds
+    are, so each fold's Gaussian scores about half of them.
+    """
     usable = len(folds.indices)
     if usable < MIN_REVIEW_IMAGES:
         note = (
@@ -256,10 +286,11 @@ def _review(
         )
         warnings.warn(note, ReviewWarning, stacklevel=3)
         if progress is not None:
-            progress(2 * len(items), 2 * len(items))
+            progress(fitted, fitted)
         return TrainingReview(note=note)
     review = TrainingReview()
-    counter = _Counter(len(items), len(items) - usable, progress)
+    extra = range(fitted, len(items))
+    counter = _Counter(fitted, usable + len(extra), progress)
     scored: dict[int, ReviewRow] = {}
     fold_stats = folds.fold_a
     for fold in (1, 0):
@@ -268,19 +299,23 @@ def _review(
             fold_stats.complement(padim.stats)
         gaussian = fold_stats.to_gaussian(warn=False)
         members = folds.members(fold)
+        members += [i for i in extra if fold_of(folds.seed, i - fitted) == fold]
         rows, skipped = _score(
             padim, gaussian, [items[i] for i in members], batch_size, counter
         )
         review.skipped.extend(skipped)
         for position, row in rows:
-            row.fold = fold
+            row.fold, row.held_out = fold, members[position] >= fitted
             row.distances = row.distances if keep_distances else None
             scored[members[position]] = row
     folds.fold_a = None
     review.rows = [scored[index] for index in sorted(scored)]
     review.cutoff = _flag(review.rows)
     logger.info(
-        "reviewed %d training images, %d flagged", len(review.rows), len(review.flagged)
+        "reviewed %d training images (%d held out), %d flagged",
+        len(review.rows),
+        review.held_out,
+        len(review.flagged),
     )
     return review
 
@@ -288,9 +323,9 @@ def _review(
 class _Counter:
     """Progress of the scoring pass, after the fitting pass's files."""
 
-    def __init__(self, files: int, skipped: int, progress: ProgressCallback | None):
-        self.done = files + skipped
-        self.total = 2 * files
+    def __init__(self, files: int, to_score: int, progress: ProgressCallback | None):
+        self.done = files
+        self.total = files + to_score
         self.progress = progress
 
     def add(self, files: int) -> None:
@@ -342,21 +377,33 @@ def _flag(rows: list[ReviewRow]) -> float | None:
     return float(median + MODIFIED_Z_CUTOFF * spread)
 
 
+def csv_text(review: TrainingReview, path_text: Callable[[str], str] = str) -> str:
+    """The review as CSV, one row per image, highest score first.
+
+    Columns are :data:`CSV_COLUMNS`. ``path_text`` turns each path into the
+    text of its cell; by default paths are written exactly as found.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    for row in review.by_score():
+        writer.writerow(
+            [
+                path_text(row.path),
+                f"{row.score:.4f}",
+                f"{row.modified_z:.3f}",
+                "true" if row.flagged else "false",
+                "true" if row.held_out else "false",
+            ]
+        )
+    return buffer.getvalue()
+
+
 def write_csv(review: TrainingReview, path: Path) -> None:
-    """Write ``path,out_of_fold_score,modified_z,flagged``, highest score first.
+    """Write :func:`csv_text` of ``review`` to ``path``.
 
     Paths are written exactly as found, like ``predict``'s CSV, so that a
     script can move or open the flagged files.
     """
     with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(CSV_COLUMNS)
-        for row in review.by_score():
-            writer.writerow(
-                [
-                    row.path,
-                    f"{row.score:.4f}",
-                    f"{row.modified_z:.3f}",
-                    "true" if row.flagged else "false",
-                ]
-            )
+        handle.write(csv_text(review))

@@ -102,6 +102,84 @@ def test_the_odd_image_is_flagged_and_only_it(reviewed):
     assert all((row.score > review.cutoff) == row.flagged for row in review.rows)
 
 
+def _held(odd: bool = True) -> list[tuple[str, Image.Image]]:
+    """Four images kept out of the fit, the third one with a white block."""
+    return [(f"held/{i:03d}.png", _picture(100 + i, odd and i == 2)) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def with_held_out():
+    padim = _padim()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report, review = fit_with_review(
+            padim, _pairs(30), batch_size=7, held_out=_held()
+        )
+    return padim, report, review
+
+
+def test_held_out_images_are_checked_but_not_fitted(with_held_out):
+    padim, report, review = with_held_out
+    plain = _padim()
+    _fit_quietly(plain, _pairs(30), batch_size=7)
+
+    assert report.images == padim.n_images == 30
+    assert torch.equal(padim.stats.scatter, plain.stats.scatter)
+    assert torch.equal(
+        padim.model.gaussian.inv_covariance, plain.model.gaussian.inv_covariance
+    )
+    assert [row.path for row in review.rows] == [
+        *(name for name, _ in _pairs(30)),
+        *(name for name, _ in _held()),
+    ]
+    assert [row.held_out for row in review.rows] == [False] * 30 + [True] * 4
+    assert review.held_out == 4
+    assert [row.path for row in review.flagged] == ["held/002.png"]
+
+
+def test_a_held_out_image_is_scored_by_one_fold_alone(with_held_out):
+    _, _, review = with_held_out
+    sources = dict(_pairs(30))
+    held = dict(_held())
+    fitted = [row for row in review.rows if not row.held_out]
+    checked = [row for row in review.rows if row.held_out]
+    assert {row.fold for row in checked} == {0, 1}  # both folds score some
+
+    for row in checked:
+        padim = _padim()  # fitted on the fold the image stands in for, not its own
+        names = [other.path for other in fitted if other.fold != row.fold]
+        assert len(names) == 15
+        _fit_quietly(padim, [(name, sources[name]) for name in names])
+        prediction, _ = padim.predict([(row.path, held[row.path])])
+        np.testing.assert_allclose(row.score, prediction.scores[0].item(), rtol=1e-4)
+
+
+def test_progress_counts_the_images_left_to_score_after_the_fit():
+    sources = [*_pairs(6), ("broken.png", b"not an image")]
+    extra = [*_held(odd=False)[:2], ("gone.png", b"")]
+    calls = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, review = fit_with_review(
+            _padim(), sources, 2, lambda *c: calls.append(c), held_out=extra
+        )
+
+    fitting = [call for call in calls if call[0] <= len(sources)]
+    scoring = [call for call in calls if call[0] > len(sources)]
+    assert {total for _, total in fitting} == {2 * 7 + 3}  # before any is read
+    assert {total for _, total in scoring} == {7 + 6 + 3}  # 6 usable, 3 held out
+    assert scoring[-1] == (16, 16)
+    assert len(review.rows) == 8 and review.held_out == 2
+    assert [item.name for item in review.skipped] == ["gone.png"]
+
+
+def test_progress_without_a_review_ends_with_the_fit():
+    calls = []
+    with pytest.warns(ReviewWarning):
+        fit_with_review(_padim(), _pairs(3), 2, lambda *c: calls.append(c))
+    assert calls[-1] == (3, 3) and all(done <= 3 for done, _ in calls)
+
+
 def test_modified_z_on_known_numbers():
     # median 3, absolute deviations 2 1 0 1 97, MAD 1
     z = modified_z_scores([1.0, 2.0, 3.0, 4.0, 100.0])
@@ -198,13 +276,20 @@ def test_cli_writes_the_review_csv_sorted_and_names_the_flagged(
     assert main(_fit_command("=lot", tmp_path, "--review", str(out))) == 0
 
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == ["path", "out_of_fold_score", "modified_z", "flagged"]
+    assert list(rows[0]) == [
+        "path",
+        "out_of_fold_score",
+        "modified_z",
+        "flagged",
+        "held_out",
+    ]
     assert len(rows) == 24
     scores = [float(row["out_of_fold_score"]) for row in rows]
     assert scores == sorted(scores, reverse=True)
     assert rows[0]["path"] == "=lot/005.png"  # exactly as found, for scripts
     assert all(Path(row["path"]).is_file() for row in rows)
     assert [row["flagged"] for row in rows] == ["true"] + ["false"] * 23
+    assert {row["held_out"] for row in rows} == {"false"}
     err = capsys.readouterr().err
     assert "flagged =lot/005.png: out-of-fold score" in err
     assert f"1 of 24 training images look unlike the rest; see {out}" in err
