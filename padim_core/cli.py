@@ -143,14 +143,21 @@ def _ray_engine(args: argparse.Namespace):
     return distributed
 
 
-def _progress(quiet: bool, label: str):
-    start = time.perf_counter()
+# Whether a progress line on stderr still waits for its end of line.
+_progress_line_open = False
+
+
+def _progress(quiet: bool, label: str, start: float | None = None):
+    """A progress reporter; ``start`` (perf_counter) defaults to now."""
+    start = time.perf_counter() if start is None else start
 
     def report(done: int, total: int) -> None:
+        global _progress_line_open
         if quiet or total == 0:
             return
         elapsed = time.perf_counter() - start
         left = elapsed / done * (total - done) if done else math.nan
+        _progress_line_open = done < total
         print(
             f"\r{label}: {done}/{total} images, {elapsed:.0f}s, ~{left:.0f}s left",
             end="" if done < total else "\n",
@@ -162,14 +169,23 @@ def _progress(quiet: bool, label: str):
 
 
 def _review_progress(quiet: bool, files: int):
-    """Progress of a fit with review: the fit's pass, then the review's."""
-    fit, review = _progress(quiet, "fit"), _progress(quiet, "review")
+    """Progress of a fit with review: the fit's pass, then the review's.
+
+    The review's clock starts when the fit's pass ends, so its time left
+    counts the review alone.
+    """
+    fit = _progress(quiet, "fit")
+    review = None
 
     def report(done: int, total: int) -> None:
+        nonlocal review
         if done <= files:
             fit(done, files)
-        else:
-            review(done - files, total - files)
+            if done == files:
+                review = _progress(quiet, "review", time.perf_counter())
+            return
+        review = review or _progress(quiet, "review")
+        review(done - files, total - files)
 
     return report
 
@@ -195,8 +211,14 @@ def run_fit(args: argparse.Namespace) -> int:
     paths, skipped = find_images([args.train])
     if not paths:
         raise UsageError(f"--train {args.train}: no image files found")
+    training = {path.resolve() for path in paths}
+    if args.out.resolve() in training:
+        raise UsageError(
+            f"--out {args.out}: is one of the training images; give a new model "
+            "file name"
+        )
     if args.review is not None:
-        _check_review(args, ray_engine, len(paths))
+        _check_review(args, ray_engine, training)
     padim = Padim(
         backbone=args.backbone,
         layers=args.layers,
@@ -237,14 +259,31 @@ def run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_review(args: argparse.Namespace, ray_engine, found: int) -> None:
-    """Refuse ``--review`` where it cannot run, before any image is read."""
+def _check_review(args: argparse.Namespace, ray_engine, training: set[Path]) -> None:
+    """Refuse ``--review`` where it cannot run, before any image is read.
+
+    ``training`` holds the resolved paths of the training images, which the
+    review's CSV must not overwrite, no more than the model file.
+    """
+    found = len(training)
     if ray_engine is not None:
         raise UsageError("--review runs with --engine local only")
+    if str(args.review) == "-":
+        raise UsageError("--review -: give a CSV file name; the review goes to a file")
     if args.review.is_dir():
         raise UsageError(f"--review {args.review}: is a folder; give a CSV file name")
     if not args.review.parent.is_dir():
         raise UsageError(f"--review {args.review}: its folder does not exist")
+    if args.review.resolve() == args.out.resolve():
+        raise UsageError(
+            f"--review {args.review}: is the --out model file; give the review a "
+            "file of its own"
+        )
+    if args.review.resolve() in training:
+        raise UsageError(
+            f"--review {args.review}: is one of the training images; give a new CSV "
+            "file name"
+        )
     if found < MIN_REVIEW_IMAGES:
         raise UsageError(
             f"--review needs at least {MIN_REVIEW_IMAGES} training images (2 per "
@@ -263,8 +302,9 @@ def _write_review(review: TrainingReview, path: Path) -> None:
             f"modified z {row.modified_z:.1f}",
             file=sys.stderr,
         )
+    look = "looks" if len(review.flagged) == 1 else "look"
     print(
-        f"{len(review.flagged)} of {len(review.rows)} training images look unlike "
+        f"{len(review.flagged)} of {len(review.rows)} training images {look} unlike "
         f"the rest; see {path}",
         file=sys.stderr,
     )
@@ -284,10 +324,14 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise UsageError(f"--threshold must be a finite number, got {args.threshold}")
     threshold = args.threshold if args.threshold is not None else padim.thresholds.image
+    _check_predict_outputs(args)
     paths, skipped = find_images(args.paths)
     if not paths:
         _report_skipped(skipped)
         raise UsageError("no image files among the paths given")
+    inputs = {path.resolve() for path in paths}
+    if args.csv is not None and args.csv.resolve() in inputs:
+        raise UsageError(f"--csv {args.csv}: is one of the images to score")
     rows, grids = [], []
     progress = _progress(args.quiet, "predict")
     with _standard_output(divert=ray_engine is not None) as standard_output:
@@ -346,6 +390,17 @@ def _standard_output(divert: bool) -> Iterator[TextIO]:
         sys.stdout.flush()
         os.dup2(kept, 1)
         os.close(kept)
+
+
+def _check_predict_outputs(args: argparse.Namespace) -> None:
+    """Refuse outputs that cannot be written, before any image is scored."""
+    if args.csv is not None:
+        if args.csv.is_dir():
+            raise UsageError(f"--csv {args.csv}: is a folder; give a CSV file name")
+        if not args.csv.parent.is_dir():
+            raise UsageError(f"--csv {args.csv}: its folder does not exist")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: is a file; give a folder for the heatmaps")
 
 
 def _write_rows(
@@ -535,6 +590,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
     finally:
         warnings.formatwarning = original_format
+    global _progress_line_open
+    if _progress_line_open:  # end the interrupted progress line first
+        print(file=sys.stderr)
+        _progress_line_open = False
     print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
     return 2
 

@@ -118,7 +118,9 @@ def bootstrap_image_aurocs(
     Each resample draws as many good and as many defective images as the set
     holds, with replacement, from each class apart, so every resample has
     both classes. The draws come from ``numpy.random.default_rng(seed)``:
-    good indices, then defective ones, for each resample in turn.
+    good indices, then defective ones, for each resample in turn, into each
+    class's scores sorted ascending, so the order of the images does not
+    change the result.
 
     Raises:
         ValueError: As :func:`image_auroc`, or if ``resamples`` is below 1.
@@ -126,7 +128,7 @@ def bootstrap_image_aurocs(
     labels, scores = _check_image_inputs(labels, scores)
     if resamples < 1:
         raise ValueError(f"resamples must be at least 1, got {resamples}")
-    good, defective = scores[labels == 0], scores[labels == 1]
+    good, defective = np.sort(scores[labels == 0]), np.sort(scores[labels == 1])
     if good.size == 0 or defective.size == 0:
         return np.full(resamples, math.nan)
     rng = np.random.default_rng(seed)

@@ -302,24 +302,30 @@ def _raw_header(path: Path) -> dict:
                 raise ModelFileError(f"{path.name}: file too short to be a model")
             length = int.from_bytes(prefix, "little")
             if length > min(size - 8, MAX_HEADER_BYTES):
-                raise ModelFileError(_not_safetensors(path.name, prefix, length))
+                raise ModelFileError(
+                    _not_safetensors(path.name, prefix, "its header would not fit")
+                )
             header = json.loads(file.read(length))
     except OSError as error:
         raise ModelFileError(f"{path.name}: cannot read ({error})") from error
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise ModelFileError(_not_safetensors(path.name, prefix, length)) from None
+        raise ModelFileError(
+            _not_safetensors(path.name, prefix, "its header is not JSON")
+        ) from None
     if not isinstance(header, dict):
-        raise ModelFileError(_not_safetensors(path.name, prefix, length))
+        raise ModelFileError(
+            _not_safetensors(path.name, prefix, "its header is not a JSON object")
+        )
     return header
 
 
-def _not_safetensors(name: str, prefix: bytes, length: int) -> str:
+def _not_safetensors(name: str, prefix: bytes, why: str) -> str:
     if prefix.startswith(_PICKLE_MAGIC):
         return (
             f"{name}: a pickle or torch.save file; only safetensors model "
             "files are read, pickles are never loaded"
         )
-    return f"{name}: not a safetensors file (header length {length})"
+    return f"{name}: not a safetensors model file ({why})"
 
 
 def load_model(

@@ -717,17 +717,17 @@ MODEL_CASES: dict[str, tuple[Callable[[Path, Path], None], str]] = {
     ),
     "truncated_header": (
         lambda good, path: path.write_bytes(good.read_bytes()[:100]),
-        "not a safetensors file",
+        r"not a safetensors model file \(its header would not fit\)",
     ),
     "header_length_bomb": (
         lambda good, path: path.write_bytes(struct.pack("<Q", 2**62) + b"{}"),
-        "not a safetensors file",
+        r"not a safetensors model file \(its header would not fit\)",
     ),
     "deeply_nested_header": (
         lambda good, path: path.write_bytes(
             struct.pack("<Q", 200_000) + b"[" * 100_000 + b"]" * 100_000
         ),
-        "not a safetensors file",
+        r"not a safetensors model file \(its header is not JSON\)",
     ),
     "foreign_safetensors": (
         lambda good, path: save_file({"x": torch.zeros(2)}, path),
@@ -1063,7 +1063,7 @@ def test_cli_predict_on_the_corpus_scores_what_is_usable(
 @pytest.mark.parametrize(
     "arguments, match",
     [
-        (["--csv", "{tmp}"], "Is a directory"),
+        (["--csv", "{tmp}"], "is a folder; give a CSV file name"),
         (["{tmp}/missing.png"], "no image files"),
         (["{tmp}/bad"], "none of the images could be used"),
     ],

@@ -200,3 +200,107 @@ def test_bad_n_features_lists_what_is_allowed(subset, tmp_path, capsys):
 def test_display_scale_is_shared_and_centred_on_the_threshold(saved, scores, expected):
     scale = display_scale(saved, scores)
     assert (scale.score_min, scale.image, scale.score_max) == expected
+
+
+def _fit_args(subset: Path, out: Path) -> list[str]:
+    return ["-q", "fit", "--train", str(subset / "train"), "--out", str(out)]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("model", "is the --out model file"),
+        ("image", "is one of the training images"),
+        ("-", "give a CSV file name"),
+    ],
+)
+def test_the_review_never_overwrites_the_model_or_an_image(
+    subset, tmp_path, capsys, name, message
+):
+    out = tmp_path / "m.safetensors"
+    image = min((subset / "train" / "good").iterdir())
+    review = {"model": out, "image": image, "-": Path("-")}[name]
+    before = image.read_bytes()
+
+    assert main([*_fit_args(subset, out), "--review", str(review)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: --review {review}: ")
+    assert message in error and len(error.splitlines()) == 1
+    assert not out.exists() and image.read_bytes() == before
+    assert not Path("-").exists()
+
+
+def test_the_model_never_overwrites_a_training_image(subset, tmp_path, capsys):
+    image = min((subset / "train" / "good").iterdir())
+    before = image.read_bytes()
+
+    assert main(_fit_args(subset, image)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        f"error: --out {image}: is one of the training images; give a new model "
+        "file name"
+    )
+    assert image.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("option", "target", "message"),
+    [
+        ("--out", "file", "is a file; give a folder for the heatmaps"),
+        ("--csv", "folder", "is a folder; give a CSV file name"),
+        ("--csv", "missing/x.csv", "its folder does not exist"),
+        ("--csv", "image", "is one of the images to score"),
+    ],
+)
+def test_predict_refuses_unwritable_outputs_before_scoring(
+    model, subset, tmp_path, capsys, option, target, message
+):
+    image = tmp_path / "one.jpg"
+    image.write_bytes(min((subset / "test" / "good").iterdir()).read_bytes())
+    (tmp_path / "file").write_text("keep me")
+    (tmp_path / "folder").mkdir()
+    path = image if target == "image" else tmp_path / target
+    before = image.read_bytes()
+
+    status = main(["predict", "--model", str(model), option, str(path), str(image)])
+
+    captured = capsys.readouterr()
+    assert status == 2
+    assert captured.out == ""  # nothing was scored
+    assert captured.err.strip() == f"error: {option} {path}: {message}"
+    assert (tmp_path / "file").read_text() == "keep me"
+    assert image.read_bytes() == before
+
+
+def test_the_review_progress_counts_its_own_time(monkeypatch, capsys):
+    from padim_core import cli
+
+    clock = iter([0.0, 10.0, 10.0, 12.0])  # fit starts; fit ends; review batch
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
+    report = cli._review_progress(False, 4)
+    report(4, 8)  # the fit's pass is done at 10 s
+    report(6, 8)  # half the review, 2 s later
+
+    lines = capsys.readouterr().err.replace("\r", "\n").split()
+    text = " ".join(lines)
+    assert "fit: 4/4 images, 10s, ~0s left" in text
+    assert "review: 2/4 images, 2s, ~2s left" in text
+
+
+def test_an_interrupt_ends_the_progress_line_before_its_message(
+    subset, tmp_path, capsys, monkeypatch
+):
+    from padim_core import cli
+
+    def interrupted_fit(self, sources, batch_size, progress):
+        progress(8, 24)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.Padim, "fit", interrupted_fit)
+    out = tmp_path / "m.safetensors"
+
+    assert main(["fit", "--train", str(subset / "train"), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.splitlines()[-1] == "error: interrupted"
+    assert "left\nerror: interrupted\n" in error
+    assert not out.exists()

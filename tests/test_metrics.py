@@ -459,7 +459,7 @@ def test_bootstrap_aurocs_are_those_of_the_stated_resamples(seed):
     aurocs = bootstrap_image_aurocs(labels, scores, resamples=50, seed=seed)
 
     rng = np.random.default_rng(seed)
-    good, defective = scores[labels == 0], scores[labels == 1]
+    good, defective = np.sort(scores[labels == 0]), np.sort(scores[labels == 1])
     for auroc in aurocs:
         drawn_good = good[rng.integers(0, good.size, good.size)]
         drawn_defective = defective[rng.integers(0, defective.size, defective.size)]
@@ -479,6 +479,14 @@ def test_the_auroc_interval_holds_the_auroc_and_narrows_with_more_images():
     many_labels, many_scores = _image_case(0, n_images=2000)
     many_low, many_high = image_auroc_interval(many_labels, many_scores)
     assert many_high - many_low < (high - low) / 3
+
+
+def test_the_auroc_interval_does_not_depend_on_the_order_of_the_images():
+    labels, scores = _image_case(1, n_images=50)
+    order = np.random.default_rng(7).permutation(labels.size)
+    assert image_auroc_interval(labels[order], scores[order]) == (
+        image_auroc_interval(labels, scores)
+    )
 
 
 def test_perfectly_separated_scores_have_an_interval_of_one():
