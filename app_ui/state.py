@@ -14,7 +14,7 @@ from pathlib import Path
 import streamlit as st
 import torch
 
-from padim_core import workspace
+from padim_core import demo, workspace
 from padim_core.model import Thresholds
 from padim_core.workspace import ModelEntry
 
@@ -107,9 +107,19 @@ def note_scores(entry: ModelEntry, highest: float) -> float:
 
 
 def fitted_on_demo(entry: ModelEntry | None) -> bool | None:
-    """Whether ``entry`` was fitted on the demo cells; None when not recorded."""
-    source = entry.info.get("source") if entry is not None else None
-    return None if source is None else source == "demo"
+    """Whether ``entry`` was fitted on the demo cells; None when not recorded.
+
+    The app records the images' source (``demo`` or ``upload``). The command
+    line records the training folder instead: the demo cells lie inside the
+    demo's Python package, so a folder outside it held other images.
+    """
+    info = entry.info if entry is not None else {}
+    if info.get("source") is not None:
+        return info["source"] == "demo"
+    if info.get("train_dir") is None:
+        return None
+    folder = Path(str(info["train_dir"]))
+    return demo.DEMO_PACKAGE in folder.parts + folder.resolve().parts
 
 
 def model_key(entry: ModelEntry) -> str:
