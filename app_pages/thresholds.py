@@ -13,6 +13,7 @@ from app_ui.state import PERSIST
 from app_ui.thresholding import (
     model_slider_range,
     pixel_control,
+    restart_thresholds,
     save_buttons,
     set_threshold,
     threshold_slider,
@@ -47,6 +48,7 @@ def thresholds_page() -> None:
         st.info("Choose validation images: good ones at least, defective ones too.")
         _save_unsaved(entry)
         return
+    restart_thresholds(entry, PAGE, validation.key)
     scored = score_items(entry, items, state.device(), "Scoring validation images")
     report_skipped(scored.skipped, "images")
     good_names = {item.name for item in validation.good}
@@ -55,7 +57,7 @@ def thresholds_page() -> None:
         st.error("No good image could be scored; a threshold needs good images.")
         return
 
-    image = _image_threshold(entry, scored, labels)
+    image = _image_threshold(entry, scored, labels, validation.key)
     pixel = _pixel_threshold(entry, scored, labels, validation, image)
     low, high = validation_range(scored.scores, labels, image)
     st.subheader("Save")
@@ -92,7 +94,9 @@ def validation_range(
     return low, high
 
 
-def _image_threshold(entry: ModelEntry, scored: Scored, labels: np.ndarray) -> float:
+def _image_threshold(
+    entry: ModelEntry, scored: Scored, labels: np.ndarray, origin: str
+) -> float:
     st.subheader("Image threshold")
     scores = scored.scores.astype(np.float64)
     good, defective = scores[labels == 0], scores[labels == 1]
@@ -101,7 +105,7 @@ def _image_threshold(entry: ModelEntry, scored: Scored, labels: np.ndarray) -> f
         hint = f"F1-optimal threshold on these images: {raw(suggested)} (F1 {f1:.3f})."
     else:
         suggested, hint = _percentile_suggestion(good)
-    image = _suggested_slider(entry, "image", scores, suggested)
+    image = _suggested_slider(entry, "image", scores, suggested, origin)
     st.caption(hint)
     _rates(labels, scores, image)
     low, high = validation_range(scores, labels, image)
@@ -115,17 +119,20 @@ def _image_threshold(entry: ModelEntry, scored: Scored, labels: np.ndarray) -> f
 
 
 def _suggested_slider(
-    entry: ModelEntry, which: str, scores: np.ndarray, suggested: float
+    entry: ModelEntry, which: str, scores: np.ndarray, suggested: float, origin: str
 ) -> float:
-    """The ``which`` threshold's slider, beside a button that sets ``suggested``."""
+    """The ``which`` threshold's slider, beside a button that sets ``suggested``.
+
+    ``origin`` is the id of the validation set that ``suggested`` is for.
+    """
     top, step = model_slider_range(entry, scores)
     left, right = st.columns([3, 1], vertical_alignment="center")
     with left:
-        value = threshold_slider(entry, which, PAGE, top, step, suggested)
+        value = threshold_slider(entry, which, PAGE, top, step, suggested, origin)
     right.button(
         f"Use suggested ({raw(suggested)})",
         on_click=set_threshold,
-        args=(entry, PAGE),
+        args=(entry, PAGE, origin),
         kwargs={which: suggested},
         key=f"{PAGE}_use_{which}",
     )
@@ -211,7 +218,7 @@ def _pixel_threshold(
     st.subheader("Pixel threshold")
     has_mask = [name in validation.masks for name in scored.names]
     if not any(has_mask):
-        return _pixel_without_masks(entry, scored, image)
+        return _pixel_without_masks(entry, scored, image, validation.key)
     chosen = [i for i, label in enumerate(labels) if label == 0 or has_mask[i]]
     names = [scored.names[i] for i in chosen]
     masks, unreadable = mask_stack(names, validation.masks, scored.image_size)
@@ -224,14 +231,15 @@ def _pixel_threshold(
     found = pixel_metrics(
         fingerprint, keys, scored.distances[chosen], masks, scored.image_size
     )
-    return _pixel_slider(entry, scored, found, len(chosen) - int((labels == 0).sum()))
+    n_masks = len(chosen) - int((labels == 0).sum())
+    return _pixel_slider(entry, scored, found, n_masks, validation.key)
 
 
 def _pixel_slider(
-    entry: ModelEntry, scored: Scored, found: dict, n_masks: int
+    entry: ModelEntry, scored: Scored, found: dict, n_masks: int, origin: str
 ) -> float:
     suggested = found["suggested"]
-    pixel = _suggested_slider(entry, "pixel", scored.scores, suggested)
+    pixel = _suggested_slider(entry, "pixel", scored.scores, suggested, origin)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", metrics.MetricWarning)
         f1 = metrics.f1_at_threshold(found["sample_masks"], found["sample_maps"], pixel)
@@ -247,14 +255,16 @@ def _pixel_slider(
     return pixel
 
 
-def _pixel_without_masks(entry: ModelEntry, scored: Scored, image: float) -> float:
+def _pixel_without_masks(
+    entry: ModelEntry, scored: Scored, image: float, origin: str
+) -> float:
     st.info(
         "No masks, so the pixel threshold cannot be measured. By default it equals "
         "the image threshold: a part fails exactly when the outline encloses "
         "something. Judge it by eye on the Inspect page, or add masks here."
     )
     top, step = model_slider_range(entry, scored.scores)
-    return pixel_control(entry, PAGE, top, step, image)
+    return pixel_control(entry, PAGE, top, step, image, origin)
 
 
 def _score_table(scored: Scored, labels: np.ndarray, scale: Scale) -> None:

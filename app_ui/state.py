@@ -42,9 +42,13 @@ UPLOADED_ZIPS = "uploaded_zips"
 KEPT_UPLOADS = "kept_uploads"
 # The last scoring of the Batch page: (request, scored, items).
 BATCH_RESULTS = "batch_results"
-# The highest image score seen this session, per model fingerprint; every
-# page's threshold sliders reach as far.
-SCORES_SEEN = "scores_seen"
+# Where each threshold being tried came from, per model fingerprint: the
+# validation set it was suggested for or chosen on (see THRESHOLD_START).
+# A threshold not listed was saved, or chosen on a page without such a set.
+THRESHOLD_ORIGINS = "threshold_origins"
+# The origin of a slider's first value on a page without a validation set (a
+# guess from the images shown there), so a validation set replaces it.
+THRESHOLD_START = "start"
 
 
 def workspace_root() -> Path:
@@ -91,6 +95,7 @@ def set_working_thresholds(entry: ModelEntry, **values: float | None) -> Thresho
 def forget_working_thresholds(entry: ModelEntry) -> None:
     """Drop the tried thresholds of ``entry``, e.g. once they are saved."""
     st.session_state.setdefault(WORKING_THRESHOLDS, {}).pop(entry.fingerprint, None)
+    st.session_state.setdefault(THRESHOLD_ORIGINS, {}).pop(entry.fingerprint, None)
 
 
 def thresholds_changed(entry: ModelEntry) -> bool:
@@ -98,12 +103,21 @@ def thresholds_changed(entry: ModelEntry) -> bool:
     return working_thresholds(entry) != (entry.thresholds or Thresholds())
 
 
-def note_scores(entry: ModelEntry, highest: float) -> float:
-    """Remember ``highest`` as a score of ``entry``; returns the highest seen."""
-    seen = st.session_state.setdefault(SCORES_SEEN, {})
-    top = max(float(highest), seen.get(entry.fingerprint, float("-inf")))
-    seen[entry.fingerprint] = top
-    return top
+def threshold_origin(entry: ModelEntry, which: str) -> str | None:
+    """Where the ``which`` threshold being tried for ``entry`` came from.
+
+    Returns:
+        The validation set's id, :data:`THRESHOLD_START`, or None for a value
+        that was saved or chosen without a validation set.
+    """
+    origins = st.session_state.setdefault(THRESHOLD_ORIGINS, {})
+    return origins.get(entry.fingerprint, {}).get(which)
+
+
+def set_threshold_origin(entry: ModelEntry, which: str, origin: str | None) -> None:
+    """Record where the ``which`` threshold being tried for ``entry`` came from."""
+    origins = st.session_state.setdefault(THRESHOLD_ORIGINS, {})
+    origins.setdefault(entry.fingerprint, {})[which] = origin
 
 
 def fitted_on_demo(entry: ModelEntry | None) -> bool | None:

@@ -3,7 +3,9 @@
 A slider shows raw Mahalanobis distances (with the normalised value beside
 it). What it is set to is kept per model in the session, so the Inspect,
 Thresholds and Batch pages agree, until the user saves it into the model
-file or reverts to what is saved.
+file or reverts to what is saved. So is where each value came from: one
+suggested for, or chosen on, a validation set starts again when the
+Thresholds page gets another set.
 """
 
 from __future__ import annotations
@@ -75,16 +77,29 @@ def slider_range(*values: float | None) -> tuple[float, float]:
 def model_slider_range(entry: ModelEntry, scores: np.ndarray) -> tuple[float, float]:
     """(top, step) of every threshold slider of ``entry``, on every page.
 
-    One rule for all pages: the model's normalising range, the highest score
-    seen this session and the thresholds being tried.
+    One rule for all pages: the scores of the images on the page, the
+    thresholds being tried and the saved ones. Images scored earlier, on
+    this page or another, leave it alone: their scores may lie far off.
     """
-    highest = state.note_scores(entry, float(np.max(scores, initial=0.0)))
     working = state.working_thresholds(entry)
-    return slider_range(working.score_max, highest, working.image, working.pixel)
+    saved = entry.thresholds or Thresholds()
+    highest = float(np.max(scores, initial=0.0))
+    return slider_range(highest, working.image, working.pixel, saved.image, saved.pixel)
+
+
+def slider_key(entry: ModelEntry, which: str, page: str) -> str:
+    """The widget key of the ``which`` threshold's slider on ``page``."""
+    return f"{page}_{which}_{state.model_key(entry)}"
 
 
 def threshold_slider(
-    entry: ModelEntry, which: str, page: str, top: float, step: float, fallback: float
+    entry: ModelEntry,
+    which: str,
+    page: str,
+    top: float,
+    step: float,
+    fallback: float,
+    origin: str | None = None,
 ) -> float:
     """A slider for the ``image`` or ``pixel`` threshold being tried.
 
@@ -95,11 +110,15 @@ def threshold_slider(
         top: Largest value the slider offers.
         step: Slider step.
         fallback: Where the slider starts when no threshold is set.
+        origin: The id of the validation set that ``fallback`` was suggested
+            for; None on a page without one.
     """
-    key = f"{page}_{which}_{state.model_key(entry)}"
+    key = slider_key(entry, which, page)
     working = getattr(state.working_thresholds(entry), which)
     if key not in st.session_state:
         st.session_state[key] = float(working if working is not None else fallback)
+        if working is None:
+            state.set_threshold_origin(entry, which, origin or state.THRESHOLD_START)
     st.session_state[key] = float(np.clip(st.session_state[key], 0.0, top))
     return st.slider(
         LABELS[which],
@@ -109,18 +128,25 @@ def threshold_slider(
         key=key,
         help=HELP[which],
         on_change=_remember,
-        args=(entry, which, key),
+        args=(entry, which, key, origin),
         format="%.2f",
     )
 
 
 def pixel_control(
-    entry: ModelEntry, page: str, top: float, step: float, image: float
+    entry: ModelEntry,
+    page: str,
+    top: float,
+    step: float,
+    image: float,
+    origin: str | None = None,
 ) -> float:
     """The pixel threshold: tied to the image threshold, or a slider of its own.
 
     Tied, a part fails exactly when its outline encloses something, which is
-    the natural default when there are no masks to tune it on.
+    the natural default when there are no masks to tune it on. Tied, it also
+    comes from where the image threshold came from; ``origin`` is as for
+    :func:`threshold_slider`.
     """
     working = state.working_thresholds(entry)
     tied = st.toggle(
@@ -131,22 +157,48 @@ def pixel_control(
         help="Off: set the pixel threshold (the outline) on its own.",
     )
     if not tied:
-        return threshold_slider(entry, "pixel", page, top, step, image)
+        return threshold_slider(entry, "pixel", page, top, step, image, origin)
     if working.pixel != image:
         state.set_working_thresholds(entry, pixel=image)
-    st.session_state.pop(f"{page}_pixel_{state.model_key(entry)}", None)
+        tied_to = state.threshold_origin(entry, "image")
+        state.set_threshold_origin(entry, "pixel", tied_to)
+    st.session_state.pop(slider_key(entry, "pixel", page), None)
     return image
 
 
-def _remember(entry: ModelEntry, which: str, key: str) -> None:
+def _remember(entry: ModelEntry, which: str, key: str, origin: str | None) -> None:
     state.set_working_thresholds(entry, **{which: float(st.session_state[key])})
+    state.set_threshold_origin(entry, which, origin)
 
 
-def set_threshold(entry: ModelEntry, page: str, **values: float | None) -> None:
-    """Set thresholds being tried, and the page's sliders with them (callback)."""
+def set_threshold(
+    entry: ModelEntry, page: str, origin: str | None = None, **values: float | None
+) -> None:
+    """Set thresholds being tried, and the page's sliders with them (callback).
+
+    ``origin`` is the id of the validation set the values were chosen on.
+    """
     state.set_working_thresholds(entry, **values)
     for which in values:
-        st.session_state.pop(f"{page}_{which}_{state.model_key(entry)}", None)
+        state.set_threshold_origin(entry, which, origin)
+        st.session_state.pop(slider_key(entry, which, page), None)
+
+
+def restart_thresholds(entry: ModelEntry, page: str, origin: str) -> None:
+    """Start again the sliders whose value came from images other than ``origin``'s.
+
+    A threshold suggested for, or chosen on, another validation set says
+    nothing about this one: it goes back to the saved threshold, or, without
+    one, to this set's suggestion. Saved values, and values chosen by hand
+    on a page without a validation set, stay.
+    """
+    saved = entry.thresholds or Thresholds()
+    for which in ("image", "pixel"):
+        if state.threshold_origin(entry, which) in (None, origin):
+            continue
+        state.set_working_thresholds(entry, **{which: getattr(saved, which)})
+        state.set_threshold_origin(entry, which, None)
+        st.session_state.pop(slider_key(entry, which, page), None)
 
 
 def to_save(entry: ModelEntry, image: float, pixel: float | None) -> Thresholds:
@@ -184,7 +236,7 @@ def save_buttons(entry: ModelEntry, thresholds: Thresholds, page: str) -> None:
     ):
         state.forget_working_thresholds(entry)
         for which in ("image", "pixel"):
-            st.session_state.pop(f"{page}_{which}_{state.model_key(entry)}", None)
+            st.session_state.pop(slider_key(entry, which, page), None)
         st.rerun()
     differs = [
         label

@@ -8,6 +8,8 @@ images by file name, with the defect folder to tell equal names apart.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,6 +56,16 @@ class Validation:
     defective: list[Item] = field(default_factory=list)
     masks: dict[str, Item] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        """A short id of the images, their labels and masks: another set, another id."""
+        content = [
+            [item.key for item in self.good],
+            [item.key for item in self.defective],
+            sorted((name, mask.key) for name, mask in self.masks.items()),
+        ]
+        return hashlib.sha1(json.dumps(content).encode()).hexdigest()[:12]
 
 
 def pick_validation(key: str, model: ModelEntry | None = None) -> Validation:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from padim_core import demo, workspace
-from padim_core.model import Padim
+from padim_core.model import Padim, Thresholds
 from padim_core.model_file import load_model, save_model
 
 # The small model of these tests.
@@ -76,3 +76,9 @@ def fitted_on_uploads(
 ) -> workspace.ModelEntry:
     """A model fitted on uploaded images (not the demo), made active."""
     return _activate(workspace_root, uploaded_model_file)
+
+
+@pytest.fixture
+def unthresholded(fitted: workspace.ModelEntry) -> workspace.ModelEntry:
+    """The small model, made active, with no threshold saved in it."""
+    return workspace.save_thresholds(fitted.path, Thresholds())

@@ -1,14 +1,24 @@
-"""AppTests of the Thresholds page: demo, only-good sets, masks, saving."""
+"""AppTests of the Thresholds page: demo, only-good sets, masks, saving, new sets."""
 
 from __future__ import annotations
 
 import io
 
 import numpy as np
+import pytest
 import torch
-from apptools import assert_clean, by_label, demo_uploads, open_page, texts, zip_bytes
+from apptools import (
+    assert_clean,
+    by_label,
+    demo_uploads,
+    open_page,
+    texts,
+    upload,
+    zip_bytes,
+)
 from PIL import Image
 
+from app_ui.thresholding import slider_range
 from app_ui.validation import pixel_metrics
 from padim_core import demo, metrics, workspace
 from padim_core.anomaly_map import anomaly_maps
@@ -140,3 +150,93 @@ def test_the_page_suggests_the_pixel_threshold_that_evaluate_finds():
 
     assert maps.size > metrics.PIXEL_THRESHOLD_SAMPLE
     assert evaluated["pixel_threshold"] == round(found["suggested"], 4)
+
+
+def _noise_uploads(count: int, seed: int) -> list[tuple[str, bytes, str]]:
+    """Random-noise images: nothing like the cells, so they score far higher."""
+    rng = np.random.default_rng(seed)
+    pictures = rng.integers(0, 256, size=(count, 96, 96, 3), dtype=np.uint8)
+    return [upload(f"noise_{seed}_{i}.png", _png(p)) for i, p in enumerate(pictures)]
+
+
+def _masked_cells_zip() -> tuple[str, bytes, str]:
+    """Demo cells in the MVTec layout, each defective one with a mask."""
+    good, defective = demo.validation_images()
+    mask = np.zeros((300, 300), np.uint8)
+    mask[60:240, 60:240] = 255
+    members = {f"cells/test/good/{p.name}": p.read_bytes() for p in good[:6]}
+    for path in defective[:6]:
+        members[f"cells/test/crack/{path.name}"] = path.read_bytes()
+        members[f"cells/ground_truth/crack/{path.stem}_mask.png"] = _png(mask)
+    return "cells.zip", zip_bytes(members), "application/zip"
+
+
+def _switch_from_noise_to_cells(at) -> float:
+    """Score noise images first, then masked cells; the noise's highest score."""
+    at.radio(key="thresholds_source").set_value(SEPARATE).run()
+    at.file_uploader(key="thresholds_good").set_value(_noise_uploads(4, 1)).run()
+    at.file_uploader(key="thresholds_bad").set_value(_noise_uploads(4, 2)).run()
+    noise_top = by_label(at.slider, "Image threshold").max
+    at.radio(key="thresholds_source").set_value(MVTEC).run()
+    at.file_uploader(key="thresholds_mvtec_files").set_value(_masked_cells_zip()).run()
+    return noise_top
+
+
+def _suggestion(at, which: str) -> float:
+    label = at.button(key=f"thresholds_use_{which}").label
+    return float(label.removeprefix("Use suggested (").removesuffix(")"))
+
+
+def _scores(at) -> np.ndarray:
+    return at.dataframe[-1].value["score"].to_numpy()
+
+
+def test_another_set_starts_the_sliders_at_its_suggestions(unthresholded):
+    at = open_page("thresholds")
+    noise_top = _switch_from_noise_to_cells(at)
+
+    assert_clean(at)
+    image, pixel = by_label(at.slider, "Image threshold"), by_label(at.slider, "Pixel")
+    assert image.value == pytest.approx(_suggestion(at, "image"), abs=image.step)
+    assert pixel.value == pytest.approx(_suggestion(at, "pixel"), abs=pixel.step)
+    assert metric(at, "Pixel F1 at this threshold") == metric(at, "Best pixel F1")
+    top, _ = slider_range(_scores(at).max(), image.value, pixel.value)
+    assert image.max == pixel.max == pytest.approx(top)
+    assert top < noise_top
+
+
+def test_another_set_starts_the_sliders_at_the_saved_thresholds(fitted):
+    saved = fitted.thresholds
+    at = open_page("thresholds")
+    at.radio(key="thresholds_source").set_value(SEPARATE).run()
+    at.file_uploader(key="thresholds_good").set_value(_noise_uploads(4, 1)).run()
+    at.file_uploader(key="thresholds_bad").set_value(_noise_uploads(4, 2)).run()
+    by_label(at.button, "Use suggested").click().run()
+    at.radio(key="thresholds_source").set_value(MVTEC).run()
+    at.file_uploader(key="thresholds_mvtec_files").set_value(_masked_cells_zip()).run()
+
+    assert_clean(at)
+    image, pixel = by_label(at.slider, "Image threshold"), by_label(at.slider, "Pixel")
+    assert image.value == pytest.approx(saved.image, abs=image.step)
+    assert pixel.value == pytest.approx(saved.pixel, abs=pixel.step)
+    top, _ = slider_range(_scores(at).max(), saved.image, saved.pixel)
+    assert image.max == pytest.approx(top)
+
+
+def test_a_threshold_chosen_on_this_set_stays_after_a_visit_elsewhere(fitted):
+    at = open_page("thresholds")
+    by_label(at.slider, "Image threshold").set_value(14.0).run()
+    at.switch_page("app_pages/batch.py").run()
+    at.switch_page("app_pages/thresholds.py").run()
+
+    assert_clean(at)
+    assert by_label(at.slider, "Image threshold").value == pytest.approx(14.0)
+
+
+def test_a_threshold_chosen_on_inspect_is_where_this_page_starts(fitted):
+    at = open_page("inspect")
+    by_label(at.slider, "Image threshold").set_value(12.5).run()
+    at.switch_page("app_pages/thresholds.py").run()
+
+    assert_clean(at)
+    assert by_label(at.slider, "Image threshold").value == pytest.approx(12.5)

@@ -1,11 +1,10 @@
-"""The one range rule of the threshold sliders, and the pages that share it."""
+"""The one range rule of the threshold sliders, and the pages that use it."""
 
 from __future__ import annotations
 
 import pytest
 from apptools import by_label, open_page
 
-from app_ui.state import SCORES_SEEN
 from app_ui.thresholding import HEADROOM, slider_range
 
 
@@ -34,15 +33,22 @@ def test_the_range_is_never_far_wider_than_the_values(largest):
     assert 500 <= top / step <= 2_000
 
 
-def test_inspect_and_thresholds_sliders_share_one_range(fitted):
-    at = open_page("inspect")
-    at.switch_page("app_pages/thresholds.py").run()
-    thresholds_top = by_label(at.slider, "Image threshold").max
-    at.switch_page("app_pages/inspect.py").run()
-    inspect_top = by_label(at.slider, "Image threshold").max
+def _top_and_scores(at) -> tuple[float, float]:
+    """The image slider's top and the highest score in the page's table."""
+    top = by_label(at.slider, "Image threshold").max
+    return top, float(at.dataframe[-1].value["score"].max())
 
-    assert inspect_top == thresholds_top
-    seen = at.session_state[SCORES_SEEN][fitted.fingerprint]
+
+def test_each_page_fits_the_range_to_its_images_and_the_thresholds(fitted):
+    at = open_page("inspect")
+    inspect_top, inspect_highest = _top_and_scores(at)
+    at.switch_page("app_pages/thresholds.py").run()
+    thresholds_top, thresholds_highest = _top_and_scores(at)
+
     saved = fitted.thresholds
-    expected, _ = slider_range(saved.score_max, seen, saved.image, saved.pixel)
-    assert inspect_top == pytest.approx(expected)
+    for top, highest in [
+        (inspect_top, inspect_highest),
+        (thresholds_top, thresholds_highest),
+    ]:
+        expected, _ = slider_range(highest, saved.image, saved.pixel)
+        assert top == pytest.approx(expected)
