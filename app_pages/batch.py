@@ -1,5 +1,6 @@
 """Batch page: score a whole lot, sort it, look at the worst, download a CSV."""
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -85,8 +86,9 @@ def _last_results() -> None:
 def _threshold_note(entry: ModelEntry, thresholds) -> None:
     if thresholds.image is None:
         st.warning(
-            "This model has no image threshold, so every verdict reads 'unset'. "
-            "Set one on the Thresholds page."
+            "This model has no image threshold, so every verdict reads 'unset' and "
+            "the normalised column stays empty: a normalised score places the "
+            "threshold at 0.5, and there is none. Set one on the Thresholds page."
         )
         return
     source = (
@@ -103,12 +105,20 @@ def _threshold_note(entry: ModelEntry, thresholds) -> None:
 def results_frame(
     scored: Scored, scale: Scale, threshold: float | None
 ) -> pd.DataFrame:
-    """One row per image, worst first: path, score, normalised score, verdict."""
+    """One row per image, worst first: path, score, normalised score, verdict.
+
+    Without a ``threshold`` the normalised scores are NaN (empty in the CSV):
+    any other scale would pass off one made up from this lot as the model's.
+    """
+    if threshold is None:
+        normalised_scores = np.full(len(scored), np.nan)
+    else:
+        normalised_scores = scale.normalize(scored.scores)
     frame = pd.DataFrame(
         {
             "path": scored.names,
             "score": scored.scores.astype(float),
-            "normalised_score": scale.normalize(scored.scores),
+            "normalised_score": normalised_scores,
             "verdict": verdicts(scored.scores, threshold),
         }
     )
@@ -184,10 +194,11 @@ def _gallery(
                 continue
             picture = overlay_picture(image, scored.map(i), scale, 0.5, pixel)
             st.image(picture, width="stretch")
-            st.caption(
-                f"**{row.verdict.upper()}** · {escape_markdown(item.name)} · "
-                f"{raw(row.score)} raw · {normalised(row.normalised_score)}"
-            )
+            facts = [f"**{row.verdict.upper()}**", escape_markdown(item.name)]
+            facts.append(f"{raw(row.score)} raw")
+            if not np.isnan(row.normalised_score):
+                facts.append(normalised(row.normalised_score))
+            st.caption(" · ".join(facts))
 
 
 batch_page()

@@ -24,6 +24,21 @@ from app_ui.widgets import spreadsheet_safe
 from padim_core import demo
 
 
+@pytest.fixture
+def offered(monkeypatch) -> list[bytes]:
+    """The CSV files the page offers for download, as they are offered."""
+    kept = []
+    add = MediaFileManager.add
+
+    def keep(self, data, mimetype, *args, **kwargs):
+        if mimetype == "text/csv":
+            kept.append(data)
+        return add(self, data, mimetype, *args, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add", keep)
+    return kept
+
+
 def test_the_demo_lot_is_scored_sorted_and_offered_as_csv(fitted):
     at = open_page("batch")
     assert_clean(at)
@@ -72,16 +87,7 @@ def test_nothing_is_scored_until_asked(fitted):
     "name",
     ['=HYPERLINK("https://evil.example","ok").png', "+1.png", "-2.png", "@SUM.png"],
 )
-def test_the_csv_keeps_formula_like_names_as_text(fitted, monkeypatch, name):
-    offered = []
-    add = MediaFileManager.add
-
-    def keep(self, data, mimetype, *args, **kwargs):
-        if mimetype == "text/csv":
-            offered.append(data)
-        return add(self, data, mimetype, *args, **kwargs)
-
-    monkeypatch.setattr(MediaFileManager, "add", keep)
+def test_the_csv_keeps_formula_like_names_as_text(fitted, offered, name):
     at = open_page("batch")
     at.radio(key="batch_source").set_value("Upload files or a zip").run()
     cell = demo.batch_images()[0].read_bytes()
@@ -129,3 +135,18 @@ def test_the_last_results_stay_until_the_next_scoring(fitted):
     by_label(at.button, "Score 2 images").click().run()
     assert len(at.dataframe[-1].value) == 2
     assert "from the last scoring" not in texts(at.info)
+
+
+def test_without_a_threshold_the_normalised_column_stays_empty(unthresholded, offered):
+    at = open_page("batch")
+    n = demo.N_BATCH_GOOD + demo.N_BATCH_DEFECTIVE
+    by_label(at.button, f"Score {n} images").click().run()
+
+    assert_clean(at)
+    table = at.dataframe[-1].value
+    assert table["normalised_score"].isna().all()
+    assert set(table["verdict"]) == {"unset"}
+    assert "normalised column stays empty" in texts(at.warning)
+    rows = list(csv.DictReader(io.StringIO(offered[-1].decode())))
+    assert len(rows) == n
+    assert {row["normalised_score"] for row in rows} == {""}
