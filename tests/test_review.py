@@ -292,7 +292,7 @@ def test_cli_writes_the_review_csv_sorted_and_names_the_flagged(
     assert {row["held_out"] for row in rows} == {"false"}
     err = capsys.readouterr().err
     assert "flagged =lot/005.png: out-of-fold score" in err
-    assert f"1 of 24 training images look unlike the rest; see {out}" in err
+    assert f"1 of 24 training images looks unlike the rest; see {out}" in err
     assert (tmp_path / "m.safetensors").is_file()
 
 
