@@ -6,6 +6,7 @@ from pathlib import PurePosixPath
 
 import pandas as pd
 import streamlit as st
+from streamlit.delta_generator import DeltaGenerator
 
 from app_ui import state
 from app_ui.fitting import (
@@ -60,11 +61,11 @@ def fit_page() -> None:
     )
     show_flash()
     job = get_job(st.session_state.get(state.FIT_JOB))
-    refit = None
+    refit = refusal = None
     if job is not None and job.running:
         _progress(job.id)
     elif job is not None:
-        refit = _outcome(job)
+        refit, refusal = _outcome(job)
     else:
         _ready_note()
     _others_running(job)
@@ -94,7 +95,7 @@ def fit_page() -> None:
     else:
         request = _new_form(items, root, busy)
     if refit is not None:
-        request = _refit_request(refit, items, root)
+        request = _refit_request(refit, items, root, refusal)
     if request is not None:
         request.source = "demo" if is_demo(items) else "upload"
         try:
@@ -112,7 +113,7 @@ def _progress(job_id: int) -> None:
     if job is None or not job.running:
         st.rerun()
     label = f"{job.phase} ({escape_markdown(job.request.name)})"
-    text = time_left_text(label, job.done, job.total, job.elapsed, job.step)
+    text = time_left_text(label, job.done, job.total, job.elapsed, job.step, job.unit)
     st.progress(min(job.done / max(job.total, 1), 1.0), text=text)
     note, stop = st.columns([4, 1], vertical_alignment="center")
     note.caption(
@@ -123,8 +124,13 @@ def _progress(job_id: int) -> None:
         job.cancelled = True
 
 
-def _outcome(job: FitJob) -> FitJob | None:
-    """Say how the fit ended; returns the job when asked to fit it again."""
+def _outcome(job: FitJob) -> tuple[FitJob | None, DeltaGenerator | None]:
+    """Say how the fit ended.
+
+    Returns:
+        The job when asked to fit it again without the flagged images, and
+        the place beside that button for the reason it cannot be done.
+    """
     name = escape_markdown(repr(job.request.name))
     if job.cancelled and job.path is None:
         st.info(f"The fit of {name} was cancelled; nothing was saved.")
@@ -144,8 +150,9 @@ def _outcome(job: FitJob) -> FitJob | None:
             f"images in {duration(job.elapsed)}. It is now the active model."
         )
         if job.held_out:
+            were = "image was" if job.held_out == 1 else "images were"
             st.info(
-                f"{job.held_out} good images were held out of the fit; the 99th "
+                f"{job.held_out} good {were} held out of the fit; the 99th "
                 "percentile of their scores is the first image threshold. Tune it on "
                 "the Thresholds page with good and defective images."
             )
@@ -153,48 +160,99 @@ def _outcome(job: FitJob) -> FitJob | None:
         for note in job.notes:
             st.info(escape_markdown(note))
     show_warnings(job.warnings)
-    refit = None
+    refit = refusal = None
     if job.error is None and job.review is not None:
-        refit = job if _review_outcome(job.review) else None
+        clicked, refusal = _review_outcome(job.review, job.path.stem)
+        refit = job if clicked else None
     if job.error is None:
         st.page_link(INSPECT_PAGE, label="Inspect images", icon=":material/search:")
     report_skipped(job.skipped)
-    return refit
+    return refit, refusal
 
 
-def _review_outcome(review: ReviewOutcome) -> bool:
-    """Show the flagged training images; True when a fit without them is asked."""
+def _review_outcome(
+    review: ReviewOutcome, model: str
+) -> tuple[bool, DeltaGenerator | None]:
+    """Show what the check found.
+
+    Returns:
+        Whether a fit without the flagged images is asked, and the place
+        beside that button for a refusal (None without the button).
+    """
     if review.note is not None:  # among the fit's warnings already
-        return False
+        return False, None
+    checked = _checked_words(review)
     if not review.flagged:
         st.success(
-            f"None of the {review.reviewed:,} training images looks unlike the rest: "
-            "each was scored by a model fitted without it, and none scored far above "
-            "the others."
+            f"None of the {checked} looks unlike the rest: each was scored by a "
+            "model fitted without it, and none scored far above the others."
         )
-        return False
+        _review_download(review, model)
+        return False, None
     count = len(review.flagged)
-    look, these = ("looks", "it") if count == 1 else ("look", "these")
-    st.warning(
-        f"{count} of {review.reviewed:,} training images {look} unlike the rest. Each "
-        "image was scored by a model fitted on the other half of the images; "
-        f"{these} scored above {review.cutoff:.1f} (modified z-score above "
-        f"{MODIFIED_Z_CUTOFF}). Check whether {these} really show good parts."
+    look, these, show = (
+        ("looks", "it", "shows") if count == 1 else ("look", "these", "show")
     )
+    st.warning(
+        f"{count} of {checked} {look} unlike the rest. Each image was scored by a "
+        "model fitted on half of the training images, not including it; "
+        f"{these} scored above {review.cutoff:.1f} (modified z-score above "
+        f"{MODIFIED_Z_CUTOFF}). Check whether {these} really {show} good parts."
+    )
+    held = sum(row.held_out for row in review.flagged)
+    if held:
+        them = "it" if held == 1 else "them"
+        st.warning(
+            f"{_count(held, 'flagged image was', 'flagged images were')} held out "
+            f"of the fit, so the first threshold was set with {them}. Fit again "
+            f"without {them}, or set the threshold on the Thresholds page."
+        )
+    _flagged_pictures(review)
+    _flagged_table(review)
+    _review_download(review, model)
+    clicked = st.button(
+        _refit_label(count), icon=":material/refresh:", key="fit_again_without"
+    )
+    return clicked, st.empty()
+
+
+def _count(n: int, one: str, many: str) -> str:
+    """``1 image was`` or ``3 images were``."""
+    return f"{n:,} {one if n == 1 else many}"
+
+
+def _checked_words(review: ReviewOutcome) -> str:
+    """``12 images checked (10 fitted, 2 held out)``, or ``10 training images``."""
+    if not review.held_out:
+        return f"{review.reviewed:,} training images"
+    fitted = review.reviewed - review.held_out
+    return (
+        f"{review.reviewed:,} images checked ({fitted:,} fitted, "
+        f"{review.held_out:,} held out)"
+    )
+
+
+def _flagged_pictures(review: ReviewOutcome) -> None:
     columns = st.columns(REVIEW_COLUMNS)
     for i, row in enumerate(review.flagged):
         picture = review.pictures.get(row.path)
         if picture is not None:
+            held = " · held out" if row.held_out else ""
             columns[i % REVIEW_COLUMNS].image(
                 picture,
-                caption=f"{row.path} · score {row.score:.1f} · z {row.modified_z:.1f}",
+                caption=f"{escape_markdown(row.path)} · score {row.score:.1f} · "
+                f"z {row.modified_z:.1f}{held}",
             )
+
+
+def _flagged_table(review: ReviewOutcome) -> None:
     st.dataframe(
         pd.DataFrame(
             {
                 "image": [row.path for row in review.flagged],
                 "out-of-fold score": [row.score for row in review.flagged],
                 "modified z": [row.modified_z for row in review.flagged],
+                "held out": [row.held_out for row in review.flagged],
             }
         ),
         hide_index=True,
@@ -203,10 +261,17 @@ def _review_outcome(review: ReviewOutcome) -> bool:
             "modified z": st.column_config.NumberColumn(format="%.1f"),
         },
     )
-    return st.button(
-        _refit_label(count),
-        icon=":material/refresh:",
-        key="fit_again_without",
+
+
+def _review_download(review: ReviewOutcome, model: str) -> None:
+    """Offer every checked image's result as CSV, the highest score first."""
+    st.download_button(
+        "Download the check as CSV",
+        review.csv,
+        file_name=f"{model}-check.csv",
+        mime="text/csv",
+        icon=":material/download:",
+        key="fit_review_csv",
     )
 
 
@@ -217,12 +282,18 @@ def _refit_label(count: int) -> str:
     return f"Fit again without these {count} images"
 
 
-def _refit_request(job: FitJob, items: list[Item], root) -> FitRequest | None:
-    """A new fit like ``job``'s, on the images chosen minus the flagged ones."""
+def _refit_request(
+    job: FitJob, items: list[Item], root, refusal: DeltaGenerator
+) -> FitRequest | None:
+    """A new fit like ``job``'s, on the images chosen minus the flagged ones.
+
+    Flagged held-out images are left out too: the new fit holds out others.
+    A refusal is shown in ``refusal``, beside the button that asked.
+    """
     flagged = {row.path for row in job.review.flagged}
     kept = [item for item in items if item.name not in flagged]
-    if len(items) - len(kept) != len(flagged):
-        st.error(
+    if {item.name for item in items} != job.names:
+        refusal.error(
             "The images chosen below are no longer those of that fit, so the flagged "
             "ones cannot be left out of them. Choose the same images again, or fit "
             "without the flagged files by hand."
@@ -253,11 +324,11 @@ def _ready_note() -> None:
 def _others_running(own: FitJob | None) -> None:
     for job in running_jobs():
         if own is None or job.id != own.id:
+            done, total = job.step or (job.done, job.total)
             st.info(
                 f"A fit of {escape_markdown(repr(job.request.name))} started earlier "
-                "is running "
-                f"({job.done:,} of {job.total:,} images); its model appears in the "
-                "workspace when it ends."
+                f"is running ({job.phase.lower()}: {done:,} of {total:,} {job.unit}); "
+                "its model appears in the workspace when it ends."
             )
 
 
@@ -403,7 +474,7 @@ def _estimate(items: list[Item], config: dict, hold_out: bool) -> None:
     megabytes = side * side * c * (c + 1) * 4 / 2**20
     train, held = split_holdout(items) if hold_out else (items, [])
     st.caption(
-        f"{len(train):,} images to fit on, {len(held)} held out · feature grid "
+        f"{len(train):,} files to fit on, {len(held)} held out · feature grid "
         f"{side} × {side} · model file about {megabytes:,.0f} MB"
     )
     if items and len(train) <= c:

@@ -29,6 +29,7 @@ from PIL import Image
 from app_ui.figures import display_image
 from app_ui.fit_warnings import WarningLog, collecting
 from app_ui.sources import Item, hold_uploads, release_uploads
+from app_ui.widgets import spreadsheet_safe
 from padim_core import visualize, workspace
 from padim_core.anomaly_map import anomaly_maps
 from padim_core.backbones import WeightsUnavailableError
@@ -42,7 +43,7 @@ from padim_core.model_file import (
     read_header,
     save_model,
 )
-from padim_core.review import ReviewRow, TrainingReview, fit_with_review
+from padim_core.review import ReviewRow, TrainingReview, csv_text, fit_with_review
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,11 @@ class FitJob:
     # Images done and in all of the current pass, for a job that reads its
     # images more than once; None when ``done`` and ``total`` say it.
     step: tuple[int, int] | None = None
+    # What the counts count: files while reading files that may turn out
+    # unusable, images while scoring the usable ones again.
+    unit: str = "files"
+    # Names of the images asked for, kept once the uploads are let go.
+    names: frozenset[str] = frozenset()
 
     @property
     def running(self) -> bool:
@@ -131,18 +137,23 @@ class ReviewOutcome:
     """What the review of a fit's training images found, for its page.
 
     Attributes:
-        reviewed: Number of training images scored out of fold.
+        reviewed: Number of images scored out of fold, held-out ones included.
+        held_out: How many of those were held out of the fit.
         flagged: The flagged rows, highest score first, without distances.
         pictures: Heatmap thumbnails of the first flagged images, by name.
         cutoff: The out-of-fold score above which an image is flagged.
         note: Why there was no review (too few images); None when made.
+        csv: Every row, as CSV text that a spreadsheet opens without running
+            any file name as a formula; empty without a review.
     """
 
     reviewed: int = 0
+    held_out: int = 0
     flagged: list[ReviewRow] = field(default_factory=list)
     pictures: dict[str, Image.Image] = field(default_factory=dict)
     cutoff: float | None = None
     note: str | None = None
+    csv: str = ""
 
 
 @st.cache_resource
@@ -221,7 +232,12 @@ def start_fit(request: FitRequest) -> FitJob:
     if request.extend is None:
         _take_name(request)
     _forget_old_jobs()
-    job = FitJob(request, total=_files_to_handle(request))
+    job = FitJob(
+        request,
+        total=_files_to_handle(request),
+        step=_first_step(request),
+        names=frozenset(item.name for item in request.items),
+    )
     _registry()[job.id] = job
     held = hold_uploads(request.items)
     thread = threading.Thread(
@@ -231,14 +247,33 @@ def start_fit(request: FitRequest) -> FitJob:
     return job
 
 
+def _checked(request: FitRequest) -> bool:
+    """Whether the job checks the training images: new models only."""
+    return request.review and request.extend is None
+
+
+def _split(request: FitRequest) -> tuple[list[Item], list[Item]]:
+    """The request's (train, held) images."""
+    if not request.hold_out:
+        return list(request.items), []
+    return split_holdout(request.items)
+
+
 def _files_to_handle(request: FitRequest) -> int:
-    """Files the job reads: the review reads the training images twice."""
-    if not (request.review and request.extend is None):
+    """Files the job reads, as far as known before it reads any.
+
+    The check reads every file twice: once to fit (or hold out) and once to
+    score. Files found unusable while fitting are not read again; the job's
+    total shrinks then.
+    """
+    if not _checked(request):
         return len(request.items)
-    train, held = (
-        split_holdout(request.items) if request.hold_out else (request.items, [])
-    )
-    return 2 * len(train) + len(held)
+    return 2 * len(request.items)
+
+
+def _first_step(request: FitRequest) -> tuple[int, int] | None:
+    """The first pass's count, for a job of several passes; else None."""
+    return (0, len(_split(request)[0])) if _checked(request) else None
 
 
 def split_holdout(items: list[Item]) -> tuple[list[Item], list[Item]]:
@@ -306,9 +341,7 @@ def _stop_if_cancelled(job: FitJob) -> None:
 
 def _fit_new(job: FitJob) -> None:
     request = job.request
-    train, held = (
-        split_holdout(request.items) if request.hold_out else (request.items, [])
-    )
+    train, held = _split(request)
     job.phase = "Loading the backbone"
     padim = Padim(
         backbone=request.backbone,
@@ -321,7 +354,7 @@ def _fit_new(job: FitJob) -> None:
     )
     job.phase = "Fitting"
     if request.review:
-        report = _fit_and_review(job, padim, train)
+        report = _fit_and_review(job, padim, train, held)
     else:
         report = padim.fit(
             [item.pair() for item in train], request.batch_size, _progress(job)
@@ -351,32 +384,30 @@ def _fit_new(job: FitJob) -> None:
     _done(job, path)
 
 
-def _fit_and_review(job: FitJob, padim: Padim, train: list[Item]) -> FitReport:
-    """Fit, then score each training image with the other fold's model."""
-    files = len(train)
-
-    def progress(done: int, total: int) -> None:
-        _stop_if_cancelled(job)
-        if done > files:
-            job.phase = "Checking the training images for outliers"
-        job.done = done
-        job.step = (done, files) if done <= files else (done - files, files)
-
+def _fit_and_review(
+    job: FitJob, padim: Padim, train: list[Item], held: list[Item]
+) -> FitReport:
+    """Fit, then score each image, held-out ones too, with one fold's model."""
     report, review = fit_with_review(
         padim,
         [item.pair() for item in train],
         job.request.batch_size,
-        progress,
+        _pass_progress(job, len(train), len(held)),
         keep_distances=True,
+        held_out=[item.pair() for item in held],
     )
-    report.skipped.extend(review.skipped)
+    # A held-out file that cannot be read is named once, by the threshold.
+    held_names = {item.name for item in held}
+    report.skipped.extend(s for s in review.skipped if s.name not in held_names)
     job.review = ReviewOutcome(
         reviewed=len(review.rows),
+        held_out=review.held_out,
         flagged=review.flagged,
         cutoff=review.cutoff,
         note=review.note,
+        csv=csv_text(review, spreadsheet_safe) if review.rows else "",
     )
-    by_name = {item.name: item for item in train}
+    by_name = {item.name: item for item in [*train, *held]}
     for row in job.review.flagged[:REVIEW_PICTURES]:
         try:
             job.review.pictures[row.path] = _review_picture(
@@ -387,6 +418,26 @@ def _fit_and_review(job: FitJob, padim: Padim, train: list[Item]) -> FitReport:
     for row in review.rows:
         row.distances = None  # keep only the thumbnails
     padim.metadata["review_flagged"] = len(job.review.flagged)
+    return report
+
+
+def _pass_progress(job: FitJob, files: int, held: int):
+    """Progress of :func:`fit_with_review`, counted pass by pass.
+
+    The fit reads ``files``; the check then scores the usable ones and the
+    ``held`` images, which the first threshold reads once more.
+    """
+
+    def report(done: int, total: int) -> None:
+        _stop_if_cancelled(job)
+        job.done, job.total = done, total + held
+        if done <= files:
+            job.step = (done, files)
+            return
+        job.phase = "Checking the training images for outliers"
+        job.unit = "images"
+        job.step = (done - files, total - files)
+
     return report
 
 
@@ -407,6 +458,7 @@ def _review_picture(
 
 def _set_thresholds(job: FitJob, padim: Padim, held: list[Item], offset: int) -> None:
     job.phase = "Scoring held-out images for a first threshold"
+    job.unit = "files"
     job.step = None if job.step is None else (0, len(held))
     prediction, skipped = padim.predict([item.pair() for item in held])
     job.skipped.extend(skipped)

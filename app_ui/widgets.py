@@ -66,15 +66,17 @@ def time_left_text(
     total: int,
     elapsed: float,
     shown: tuple[int, int] | None = None,
+    unit: str = "images",
 ) -> str:
     """``Label: 12 of 120 images · 8 s · about 40 s left``.
 
     ``shown`` replaces the counts in the words, for a job that reads its
     images more than once: (done, total) of the current pass, while the time
-    left still comes from the whole job's ``done`` and ``total``.
+    left still comes from the whole job's ``done`` and ``total``. ``unit``
+    names what is counted, in the plural.
     """
     done_shown, total_shown = shown or (done, total)
-    text = f"{label}: {done_shown:,} of {total_shown:,} images · {duration(elapsed)}"
+    text = f"{label}: {done_shown:,} of {total_shown:,} {unit} · {duration(elapsed)}"
     if 0 < done < total:
         text += f" · about {duration(elapsed / done * (total - done))} left"
     return text
@@ -182,13 +184,17 @@ def require_model(entry: ModelEntry | None) -> ModelEntry:
 
 
 def report_skipped(skipped: Sequence[Skipped], what: str = "files") -> None:
-    """Warn about files left out, naming each with the reason."""
+    """Warn about files left out, naming each with the reason.
+
+    ``what`` is the plural of what they are (files, images, masks).
+    """
     if not skipped:
         return
-    st.warning(
-        f"{len(skipped):,} {what} could not be used and were left out; "
-        "everything else went on."
-    )
+    if len(skipped) == 1:
+        told = f"1 {what.removesuffix('s')} could not be used and was left out"
+    else:
+        told = f"{len(skipped):,} {what} could not be used and were left out"
+    st.warning(f"{told}; everything else went on.")
     with st.expander(f"Files left out ({len(skipped):,})"):
         rows = [{"file": item.name, "reason": item.reason} for item in skipped]
         if len(rows) > MAX_LISTED:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 
 import pytest
@@ -17,7 +18,10 @@ from apptools import (
     zip_bytes,
 )
 from PIL import Image, ImageDraw
+from streamlit.runtime.media_file_manager import MediaFileManager
 
+from app_ui import state
+from app_ui.fitting import get_job
 from padim_core import demo, workspace
 from padim_core.backbones import cached_weights_path
 from padim_core.model_file import read_header
@@ -73,6 +77,7 @@ def test_fit_on_uploads_skips_bad_files_and_names_them(workspace_root):
     assert "broken.png" in listed and "notes.txt" in listed
     entry = workspace.get_active(workspace_root)
     assert entry.n_images == 5  # 6 images, 1 held out
+    assert "1 good image was held out of the fit" in texts(at.info)
 
 
 def test_adding_images_extends_the_model_without_refitting(fitted):
@@ -202,12 +207,33 @@ def test_the_check_lists_an_odd_training_image_and_fits_again_without_it(
     assert first.n_images == 21
 
     label = "this image" if count == 1 else f"these {count} images"
+    uploader = "fit_Upload files or a zip"
+    at.file_uploader(key=uploader).set_value(files[1:]).run()  # not those fitted
+    at.text_input(key="fit_name").set_value("mine").run()
+    by_label(at.button, f"Fit again without {label}").click().run()
+    assert _refusal_follows_its_button(at)
+    assert at.text_input(key="fit_name").value == "mine"
+    assert workspace.get_active(workspace_root).name == first.name  # no new fit
+
+    at.file_uploader(key=uploader).set_value(files).run()
     by_label(at.button, f"Fit again without {label}").click().run()
     wait_for(at, lambda at: finished(at) and "without" in texts(at.success))
     assert_clean(at)
     second = workspace.get_active(workspace_root)
     assert second.name == f"{first.name}-without-outliers"
     assert second.n_images == 21 - count
+
+
+def _refusal_follows_its_button(at) -> bool:
+    """The refusal to fit again shows right under its button, above the form."""
+    order = [
+        node.label if node.type == "button" else "refused"
+        for node in at.main
+        if node.type == "button"
+        or (node.type == "error" and "no longer those of that fit" in node.value)
+    ]
+    refit = next(i for i, label in enumerate(order) if label.startswith("Fit again"))
+    return order[refit + 1 : refit + 2] == ["refused"] and "Fit model" in order[refit:]
 
 
 def test_the_check_of_too_few_images_says_why_and_keeps_the_model(workspace_root):
@@ -225,3 +251,75 @@ def test_the_check_of_too_few_images_says_why_and_keeps_the_model(workspace_root
     assert "saved" in texts(at.success)
     assert "needs at least 4 usable images" in texts(at.warning)
     assert workspace.get_active(workspace_root).n_images == 3
+
+
+# Markdown and a formula in one file name; uploads cannot carry a slash.
+ODD_NAME = "=HYPERLINK(1) **bold** [x](http:__127.0.0.1).png"
+
+
+def _csv_offered(monkeypatch) -> list[str]:
+    """The CSV texts the page offers for download, as it offers them."""
+    offered = []
+    add = MediaFileManager.add
+
+    def keep(self, data, mimetype, *args, **kwargs):
+        if mimetype == "text/csv":
+            offered.append(data if isinstance(data, str) else data.decode())
+        return add(self, data, mimetype, *args, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add", keep)
+    return offered
+
+
+def test_an_odd_held_out_image_is_checked_flagged_and_left_out_again(
+    workspace_root, monkeypatch
+):
+    offered = _csv_offered(monkeypatch)
+    at = open_page("fit")
+    at.radio(key="fit_source").set_value("Upload files or a zip").run()
+    cells = demo.train_images(20)
+    files = demo_uploads(cells)
+    files[5] = upload(ODD_NAME, _odd_cell(cells[5]))  # 5 and 15 of 21 held out
+    files.append(upload("broken.png", b"not an image"))
+    at.file_uploader(key="fit_Upload files or a zip").set_value(files).run()
+    small_settings(at)
+    at.checkbox(key="fit_review").check().run()
+    assert "19 files to fit on, 2 held out" in texts(at.caption)
+    by_label(at.button, "Fit model").click().run()
+    wait_for(at, finished)
+
+    assert_clean(at)
+    warned = texts(at.warning)
+    assert "1 file could not be used and was left out" in warned
+    assert " of 20 images checked (18 fitted, 2 held out) look" in warned
+    assert "1 flagged image was held out of the fit" in warned
+    listed = at.dataframe[0].value
+    held = listed[listed["held out"]]
+    assert list(held["image"]) == [ODD_NAME]
+    captions = [one.caption for image in at.get("image") for one in image.proto.imgs]
+    odd = r"\=HYPERLINK\(1\) \*\*bold\*\* \[x\]\(http\:\_\_127"
+    assert [text for text in captions if text.startswith(odd)]
+    assert not [text for text in captions if "**" in text]
+    rows = list(csv.DictReader(io.StringIO(offered[-1])))
+    assert list(rows[0]) == [
+        "path",
+        "out_of_fold_score",
+        "modified_z",
+        "flagged",
+        "held_out",
+    ]
+    assert len(rows) == 20
+    flagged = [row for row in rows if row["flagged"] == "true"]
+    (row,) = [row for row in flagged if row["held_out"] == "true"]
+    assert row["path"] == f"'{ODD_NAME}"  # a spreadsheet keeps it text
+    assert "broken.png" in texts(at.dataframe)  # named once, not twice
+    assert texts(at.dataframe).count("broken.png") == 1
+
+    count = len(listed)
+    label = "this image" if count == 1 else f"these {count} images"
+    by_label(at.button, f"Fit again without {label}").click().run()
+    wait_for(at, lambda at: finished(at) and "without" in texts(at.success))
+    assert not at.exception
+    again = get_job(at.session_state[state.FIT_JOB])
+    assert ODD_NAME not in again.names
+    assert len(again.names) == 21 - count

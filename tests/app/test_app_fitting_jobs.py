@@ -51,28 +51,66 @@ def test_a_fit_job_saves_the_model_and_makes_it_active(tmp_path):
     assert job.request.items == []  # the uploads are let go
 
 
-def test_a_checked_fit_counts_the_images_of_each_pass(tmp_path):
-    request = _request(tmp_path, 20)
-    request.review = True
-    job = start_fit(request)
+def _watch(job) -> set[tuple[str, tuple[int, int] | None, str]]:
+    """The (phase, step, unit) states seen until the job ends."""
     seen = set()
     while job.running:
-        seen.add((job.phase, job.step))
-        time.sleep(0.01)
+        seen.add((job.phase, job.step, job.unit))
+        time.sleep(0.005)
+    return seen
 
-    assert job.error is None
-    assert job.total == 2 * 18 + 2  # 18 images read twice, 2 held out
+
+def _broken(tmp_path, n: int) -> list[Item]:
+    """``n`` files that are not images."""
+    items = []
+    for i in range(n):
+        path = tmp_path / f"broken{i}.png"
+        path.write_bytes(b"not an image")
+        items.append(Item(path.name, str(path), path=path))
+    return items
+
+
+def test_a_checked_fit_counts_the_files_read_then_the_images_scored(tmp_path):
+    request = _request(tmp_path / "ws", 18)
+    request.items += _broken(tmp_path, 3)  # 21 files: 19 to fit on, 2 held out
+    request.review = True
+    job = start_fit(request)
+    assert job.step == (0, 19)  # counts of the first pass from the start
+    seen = _watch(job)
+
+    assert job.error is None and job.n_images == 16
+    assert job.review.reviewed == 16 + 2 and job.review.held_out == 2
+    assert job.total == 19 + 18 + 2  # fit, check (16 usable + 2), threshold
     assert job.step == (2, 2)
-    steps = [step for _, step in seen if step is not None]
-    assert steps and all(0 <= done <= total for done, total in steps)
-    assert {total for _, total in steps} <= {18, 2}
-    checking = [s for phase, s in seen if phase.startswith("Checking") and s]
-    assert all(done <= 18 for done, _ in checking)
+    fitting = {step for phase, step, _ in seen if phase == "Fitting"}
+    checking = {
+        (step, unit) for phase, step, unit in seen if phase.startswith("Checking")
+    }
+    assert fitting and {total for _, total in fitting} == {19}
+    assert checking and {total for (_, total), _ in checking} == {18}
+    assert {unit for _, unit in checking} == {"images"}
+    assert all(0 <= done <= total for done, total in fitting | dict(checking).keys())
+
+
+def test_a_check_that_cannot_run_never_says_it_checks(tmp_path):
+    request = _request(tmp_path / "ws", 3)
+    request.items += _broken(tmp_path, 1)  # 4 files, too few to hold out
+    request.review = True
+    job = start_fit(request)
+    seen = _watch(job)
+
+    assert job.error is None and job.review.note is not None
+    assert not [phase for phase, _, _ in seen if phase.startswith("Checking")]
+    assert {step[1] for _, step, _ in seen if step is not None} == {4}
+    assert job.step == (4, 4) and job.total == 4
 
 
 def test_the_progress_words_count_the_pass_and_the_time_left_the_job():
     text = time_left_text("Checking", 20, 40, 10.0, shown=(2, 20))
     assert text == "Checking: 2 of 20 images · 10 s · about 10 s left"
+    assert time_left_text("Fitting", 3, 9, 2.0, (3, 5), "files") == (
+        "Fitting: 3 of 5 files · 2 s · about 4 s left"
+    )
     assert time_left_text("Fitting", 5, 20, 5.0) == (
         "Fitting: 5 of 20 images · 5 s · about 15 s left"
     )
