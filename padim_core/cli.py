@@ -270,10 +270,6 @@ def _check_review(args: argparse.Namespace, ray_engine, training: set[Path]) -> 
         raise UsageError("--review runs with --engine local only")
     if str(args.review) == "-":
         raise UsageError("--review -: give a CSV file name; the review goes to a file")
-    if args.review.is_dir():
-        raise UsageError(f"--review {args.review}: is a folder; give a CSV file name")
-    if not args.review.parent.is_dir():
-        raise UsageError(f"--review {args.review}: its folder does not exist")
     if args.review.resolve() == args.out.resolve():
         raise UsageError(
             f"--review {args.review}: is the --out model file; give the review a "
@@ -284,6 +280,7 @@ def _check_review(args: argparse.Namespace, ray_engine, training: set[Path]) -> 
             f"--review {args.review}: is one of the training images; give a new CSV "
             "file name"
         )
+    _check_text_output("--review", args.review, "CSV")
     if found < MIN_REVIEW_IMAGES:
         raise UsageError(
             f"--review needs at least {MIN_REVIEW_IMAGES} training images (2 per "
@@ -392,13 +389,30 @@ def _standard_output(divert: bool) -> Iterator[TextIO]:
         os.close(kept)
 
 
+def _check_text_output(option: str, path: Path, kind: str) -> None:
+    """Refuse a CSV or JSON output that cannot be written or would replace a model.
+
+    A model file is never overwritten by a report: neither the one in use nor
+    any other ``.safetensors`` file.
+    """
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; give a {kind} file name")
+    if not path.parent.is_dir():
+        raise UsageError(f"{option} {path}: its folder does not exist")
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        raise UsageError(
+            f"{option} {path}: is a model file; give the {kind} a file of its own"
+        )
+
+
 def _check_predict_outputs(args: argparse.Namespace) -> None:
     """Refuse outputs that cannot be written, before any image is scored."""
     if args.csv is not None:
-        if args.csv.is_dir():
-            raise UsageError(f"--csv {args.csv}: is a folder; give a CSV file name")
-        if not args.csv.parent.is_dir():
-            raise UsageError(f"--csv {args.csv}: its folder does not exist")
+        if args.csv.resolve() == args.model.resolve():
+            raise UsageError(
+                f"--csv {args.csv}: is the --model file; give the CSV a file of its own"
+            )
+        _check_text_output("--csv", args.csv, "CSV")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: is a file; give a folder for the heatmaps")
 
@@ -477,6 +491,13 @@ def _write_overlays(
 def run_evaluate(args: argparse.Namespace) -> int:
     """Print metrics of the model on an MVTec-layout test set as JSON."""
     _check_batch_size(args.batch_size)
+    if args.json is not None:
+        if args.json.resolve() == args.model.resolve():
+            raise UsageError(
+                f"--json {args.json}: is the --model file; give the JSON a file of "
+                "its own"
+            )
+        _check_text_output("--json", args.json, "JSON")
     start = time.perf_counter()
     try:
         samples, skipped = read_test_set(args.data)

@@ -304,3 +304,35 @@ def test_an_interrupt_ends_the_progress_line_before_its_message(
     assert error.splitlines()[-1] == "error: interrupted"
     assert "left\nerror: interrupted\n" in error
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "target", "message"),
+    [
+        ("predict", "--csv", "model", "is the --model file"),
+        ("predict", "--csv", "other", "is a model file"),
+        ("evaluate", "--json", "model", "is the --model file"),
+        ("evaluate", "--json", "other", "is a model file"),
+        ("fit", "--review", "other", "is a model file"),
+    ],
+)
+def test_no_report_is_written_over_a_model_file(
+    model, subset, tmp_path, capsys, command, option, target, message
+):
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(model.read_bytes())
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"another model")
+    path = mine if target == "model" else other
+    arguments = {
+        "predict": ["predict", "--model", str(mine), str(subset / "test" / "good")],
+        "evaluate": ["evaluate", "--model", str(mine), "--data", str(subset)],
+        "fit": _fit_args(subset, tmp_path / "new.safetensors"),
+    }[command]
+
+    assert main([*arguments, option, str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().startswith(f"error: {option} {path}: {message}")
+    assert captured.out == ""
+    assert mine.read_bytes() == model.read_bytes()
+    assert other.read_bytes() == b"another model"
