@@ -473,9 +473,11 @@ def _estimate(items: list[Item], config: dict, hold_out: bool) -> None:
     c = config["n_features"]
     megabytes = side * side * c * (c + 1) * 4 / 2**20
     train, held = split_holdout(items) if hold_out else (items, [])
+    # Files are decoded only when fitting; a tenth of the usable ones is held out.
+    of_usable = " (a tenth of those that can be read)" if held else ""
     st.caption(
-        f"{len(train):,} files to fit on, {len(held)} held out · feature grid "
-        f"{side} × {side} · model file about {megabytes:,.0f} MB"
+        f"{len(train):,} files to fit on, {len(held):,} held out{of_usable} · "
+        f"feature grid {side} × {side} · model file about {megabytes:,.0f} MB"
     )
     if items and len(train) <= c:
         st.caption(

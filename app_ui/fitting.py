@@ -33,7 +33,7 @@ from app_ui.widgets import spreadsheet_safe
 from padim_core import visualize, workspace
 from padim_core.anomaly_map import anomaly_maps
 from padim_core.backbones import WeightsUnavailableError
-from padim_core.images import ImageError, Skipped, read_image
+from padim_core.images import ImageError, Skipped, iter_decoded, read_image
 from padim_core.metrics import normalize_scores
 from padim_core.model import DEFAULT_BATCH_SIZE, FitReport, Padim
 from padim_core.model_file import (
@@ -277,7 +277,11 @@ def _first_step(request: FitRequest) -> tuple[int, int] | None:
 
 
 def split_holdout(items: list[Item]) -> tuple[list[Item], list[Item]]:
-    """Set aside evenly spaced images to score after the fit: (train, held)."""
+    """Set aside evenly spaced images to score after the fit: (train, held).
+
+    Pass usable images only: a broken file counted here would take the place
+    of an image to fit on.
+    """
     n = len(items)
     if n < MIN_IMAGES_FOR_HOLDOUT:
         return list(items), []
@@ -339,8 +343,42 @@ def _stop_if_cancelled(job: FitJob) -> None:
         raise FitCancelled
 
 
+def _usable_only(job: FitJob) -> list[Skipped]:
+    """Drop the request's files that cannot be decoded, before any hold-out.
+
+    The hold-out is a share of the usable images, so broken files must not
+    count towards it. Each file is decoded once more for this, which costs
+    little next to its features; jobs that hold nothing out skip it.
+
+    Returns:
+        The files dropped, and why.
+    """
+    request = job.request
+    if not request.hold_out or len(request.items) < MIN_IMAGES_FOR_HOLDOUT:
+        return []
+    job.phase = "Decoding the files"
+    n = len(request.items)
+    usable, broken = [], []
+    job.step = (0, n)
+    decoded = iter_decoded(item.pair() for item in request.items)
+    for i, (item, (_, image)) in enumerate(zip(request.items, decoded, strict=True)):
+        _stop_if_cancelled(job)
+        if isinstance(image, Skipped):
+            broken.append(image)
+        else:
+            usable.append(item)
+        job.step = (i + 1, n)
+    if not usable:  # the fit says so, naming the first file
+        return []
+    request.items = usable
+    job.total = _files_to_handle(request)
+    job.step = _first_step(request)
+    return broken
+
+
 def _fit_new(job: FitJob) -> None:
     request = job.request
+    broken = _usable_only(job)
     train, held = _split(request)
     job.phase = "Loading the backbone"
     padim = Padim(
@@ -359,7 +397,7 @@ def _fit_new(job: FitJob) -> None:
         report = padim.fit(
             [item.pair() for item in train], request.batch_size, _progress(job)
         )
-    job.n_images, job.skipped = report.images, list(report.skipped)
+    job.n_images, job.skipped = report.images, broken + list(report.skipped)
     if held:
         _set_thresholds(job, padim, held, offset=job.total - len(held))
     padim.metadata.update(

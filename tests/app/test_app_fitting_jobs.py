@@ -70,23 +70,36 @@ def _broken(tmp_path, n: int) -> list[Item]:
     return items
 
 
+@pytest.mark.parametrize(("good", "fitted", "held"), [(3, 3, 0), (6, 5, 1)])
+def test_broken_files_never_count_towards_the_hold_out(tmp_path, good, fitted, held):
+    request = _request(tmp_path / "ws", good)
+    request.items[1:1] = _broken(tmp_path, 2)  # 5 or 8 files, 2 of them broken
+    job = start_fit(request)
+    _wait(job)
+
+    assert job.error is None
+    assert (job.n_images, job.held_out) == (fitted, held)
+    assert sorted(skip.name for skip in job.skipped) == ["broken0.png", "broken1.png"]
+
+
 def test_a_checked_fit_counts_the_files_read_then_the_images_scored(tmp_path):
     request = _request(tmp_path / "ws", 18)
-    request.items += _broken(tmp_path, 3)  # 21 files: 19 to fit on, 2 held out
+    request.items += _broken(tmp_path, 3)  # 18 usable: 16 to fit on, 2 held out
     request.review = True
     job = start_fit(request)
-    assert job.step == (0, 19)  # counts of the first pass from the start
     seen = _watch(job)
 
     assert job.error is None and job.n_images == 16
     assert job.review.reviewed == 16 + 2 and job.review.held_out == 2
-    assert job.total == 19 + 18 + 2  # fit, check (16 usable + 2), threshold
+    assert job.total == 16 + 18 + 2  # fit, check (16 + 2 held out), threshold
     assert job.step == (2, 2)
+    decoding = {step for phase, step, _ in seen if phase.startswith("Decoding")}
+    assert all(total == 21 for _, total in decoding)  # every file, broken ones too
     fitting = {step for phase, step, _ in seen if phase == "Fitting"}
     checking = {
         (step, unit) for phase, step, unit in seen if phase.startswith("Checking")
     }
-    assert fitting and {total for _, total in fitting} == {19}
+    assert fitting and {total for _, total in fitting} == {16}
     assert checking and {total for (_, total), _ in checking} == {18}
     assert {unit for _, unit in checking} == {"images"}
     assert all(0 <= done <= total for done, total in fitting | dict(checking).keys())
