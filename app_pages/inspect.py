@@ -62,7 +62,9 @@ def inspect_page() -> None:
         image_threshold, pixel_threshold, working.score_min, working.score_max
     )
     scale = scale_of(tried, scored.scores)
-    found = verdicts(scored.scores, image_threshold)
+    # Without a threshold saved or tried, the slider starts at these images' median,
+    # which would fail half of them: no verdict until the user sets one.
+    found = verdicts(scored.scores, None if working.image is None else image_threshold)
     index = _navigator(scored, found)
     by_name = {item.name: item for item in items}
     _show(
@@ -81,8 +83,10 @@ def _controls(entry: ModelEntry, scored: Scored) -> tuple[float, float, float]:
     working = state.working_thresholds(entry)
     if working.image is None:
         st.warning(
-            "This model has no image threshold yet, so the sliders start at the "
-            "median score of these images. Set one on the Thresholds page."
+            "This model has no image threshold yet, so no image gets a pass or fail "
+            "verdict. Set one on the Thresholds page with good and defective "
+            "images, or move the image threshold slider to try one; it starts at "
+            "the median score of these images."
         )
     fallback = float(np.median(scored.scores))
     top, step = model_slider_range(entry, scored.scores)
@@ -120,7 +124,10 @@ def _navigator(scored: Scored, found: list[str]) -> int:
     if st.session_state.get(state.INSPECT_SELECTED, 0) >= count:
         st.session_state[state.INSPECT_SELECTED] = 0
     fails = found.count("fail")
-    st.markdown(f"**{count} images** · {fails} fail · {found.count('pass')} pass")
+    if "unset" in found:
+        st.markdown(f"**{count} images** · no image threshold, so no verdicts")
+    else:
+        st.markdown(f"**{count} images** · {fails} fail · {found.count('pass')} pass")
     back, choice, forward = st.columns([1, 6, 1], vertical_alignment="bottom")
     back.button(
         "Previous",
@@ -162,11 +169,11 @@ def _show(
     with badge:
         verdict_badge(verdict)
     width, height = scored.sizes[index]
+    threshold = "image threshold" if verdict != "unset" else "no threshold; median"
     text.markdown(
         f"**{escape_markdown(item.name)}** · score {describe_score(score, scale)} · "
-        "image threshold "
-        f"{raw(scale.threshold)} (0.50) · {width} × {height} px, seen by the model "
-        f"at {scored.image_size} × {scored.image_size}"
+        f"{threshold} {raw(scale.threshold)} (0.50) · {width} × {height} px, seen "
+        f"by the model at {scored.image_size} × {scored.image_size}"
     )
     image = read_image(item.source(), item.name)
     full_map = scored.map(index)
@@ -183,8 +190,9 @@ def _show(
         },
     )
     above = float((full_map >= pixel_threshold).mean())
+    yellow = "the image threshold" if verdict != "unset" else "the median score"
     st.caption(
-        f"Colours use one scale for every image: yellow is the image threshold, red "
+        f"Colours use one scale for every image: yellow is {yellow}, red "
         f"is at or above {raw(scale.high)}. {100 * above:.1f} % of the image is "
         "inside the outline. Drag to zoom (all three panels follow); double-click "
         "to reset."

@@ -101,3 +101,28 @@ def test_the_table_caption_names_the_checkbox_that_selects(fitted):
     assert_clean(at)
     assert "Tick the box at the start of a row" in texts(at.caption)
     assert "Click a row" not in texts(at.caption)
+
+
+def test_without_a_saved_threshold_no_part_passes_or_fails(unthresholded):
+    at = open_page("inspect")
+
+    assert_clean(at)
+    shown = texts(at.markdown)
+    assert "no image threshold, so no verdicts" in shown
+    assert "NO THRESHOLD" in shown and "PASS" not in shown and "FAIL" not in shown
+    assert set(at.dataframe[0].value["verdict"]) == {"unset"}
+    assert "Thresholds page" in texts(at.warning)
+    assert at.get("plotly_chart")
+
+
+def test_moving_the_slider_without_a_saved_threshold_gives_verdicts(unthresholded):
+    at = open_page("inspect")
+    slider = by_label(at.slider, "Image threshold")
+    slider.set_value(slider.value * 1.01).run()
+
+    assert_clean(at)
+    assert "no verdicts" not in texts(at.markdown)
+    assert "no image threshold yet" not in texts(at.warning)
+    assert set(at.dataframe[0].value["verdict"]) == {"pass", "fail"}
+    by_label(at.slider, "Image threshold").set_value(0.0).run()
+    assert " 0 pass" in texts(at.markdown)
