@@ -151,10 +151,15 @@ def _outcome(job: FitJob) -> tuple[FitJob | None, DeltaGenerator | None]:
         )
         if job.held_out:
             were = "image was" if job.held_out == 1 else "images were"
+            source = (
+                "its score"
+                if job.held_out == 1
+                else "the 99th percentile of their scores"
+            )
             st.info(
-                f"{job.held_out} good {were} held out of the fit; the 99th "
-                "percentile of their scores is the first image threshold. Tune it on "
-                "the Thresholds page with good and defective images."
+                f"{job.held_out} good {were} held out of the fit; {source} is the "
+                "first image threshold. Tune it on the Thresholds page with good and "
+                "defective images."
             )
     if job.error is None:
         for note in job.notes:

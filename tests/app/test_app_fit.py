@@ -77,7 +77,25 @@ def test_fit_on_uploads_skips_bad_files_and_names_them(workspace_root):
     assert "broken.png" in listed and "notes.txt" in listed
     entry = workspace.get_active(workspace_root)
     assert entry.n_images == 5  # 6 images, 1 held out
-    assert "1 good image was held out of the fit" in texts(at.info)
+    assert "1 good image was held out of the fit; its score is" in texts(at.info)
+
+
+def test_broken_uploads_never_take_the_place_of_a_good_image(workspace_root):
+    at = open_page("fit")
+    at.radio(key="fit_source").set_value("Upload files or a zip").run()
+    junk = [upload(f"junk{i}.png", b"not an image") for i in range(2)]
+    files = [junk[0], *demo_uploads(demo.train_images(3)), junk[1]]
+    at.file_uploader(key="fit_Upload files or a zip").set_value(files).run()
+    small_settings(at)
+    assert "4 files to fit on, 1 held out (a tenth of those that can be" in texts(
+        at.caption
+    )
+    by_label(at.button, "Fit model").click().run()
+    wait_for(at, finished)
+
+    assert not at.exception
+    assert workspace.get_active(workspace_root).n_images == 3  # none held out
+    assert "held out of the fit" not in texts(at.info)
 
 
 def test_adding_images_extends_the_model_without_refitting(fitted):
