@@ -13,6 +13,7 @@ from padim_core.workspace import ModelEntry
 
 UPLOAD_KEY = "models_upload"
 IMPORTED = "models_imported"
+CHOSEN_KEY = "models_chosen"
 
 
 def models_page() -> None:
@@ -84,7 +85,7 @@ def _local_time(iso: str) -> str:
 def _actions(entries: list[ModelEntry], active: ModelEntry | None, root) -> None:
     names = [entry.name for entry in entries]
     index = names.index(active.name) if active is not None else 0
-    chosen = st.selectbox("Model", names, index=index, key="models_chosen")
+    chosen = st.selectbox("Model", names, index=index, key=CHOSEN_KEY)
     entry = entries[names.index(chosen)]
     is_active = active is not None and entry.path == active.path
     left, middle, _ = st.columns([1, 1, 3])
@@ -164,15 +165,43 @@ def _upload(root) -> None:
         try:
             entry, note = workspace.import_model(upload.getvalue(), upload.name, root)
         except ModelFileError as error:
-            done[upload.file_id] = ("error", f"Not stored: {escape_markdown(error)}")
+            message = f"Not stored: {escape_markdown(error)}"
+            done[upload.file_id] = ("error", message, None)
         else:
-            stored = f"Stored as {escape_markdown(entry.name)}. Make it active above."
+            stored = f"Stored as {escape_markdown(entry.name)}."
             done[upload.file_id] = (
-                ("warning", escape_markdown(note)) if note else ("success", stored)
+                ("warning", escape_markdown(note), None)
+                if note
+                else ("success", stored, entry.name)
             )
         st.rerun()
-    kind, message = done[upload.file_id]
+    kind, message, name = done[upload.file_id]
     getattr(st, kind)(message)
+    _offer_activation(name, root)
+
+
+def _offer_activation(name: str | None, root) -> None:
+    """A button that makes the uploaded model active, while it is not yet."""
+    active = workspace.get_active(root)
+    names = {entry.name for entry in workspace.list_models(root)}
+    if name is None or name not in names:
+        return
+    if active is not None and active.name == name:
+        return
+    st.button(
+        f"Make {escape_markdown(name)} active",
+        icon=":material/check:",
+        key="models_activate_upload",
+        on_click=_activate,
+        args=(name, root),
+    )
+
+
+def _activate(name: str, root) -> None:
+    """Make ``name`` active and show it in the selector (a button's callback)."""
+    workspace.set_active(name, root)
+    st.session_state[CHOSEN_KEY] = name
+    flash(f"{escape_markdown(name)} is now the active model.")
 
 
 models_page()

@@ -62,6 +62,21 @@ def test_an_uploaded_model_file_is_checked_and_stored(fitted, workspace_root):
     assert names == {fitted.name, "shared model"}
 
 
+def test_an_uploaded_model_is_made_active_in_one_click(fitted, workspace_root):
+    at = open_page("models")
+    at.file_uploader(key="models_upload").set_value(
+        ("shared.safetensors", fitted.path.read_bytes(), "application/octet-stream")
+    ).run()
+    assert "above" not in texts(at.success)
+    by_label(at.button, "Make shared active").click().run()
+
+    assert_clean(at)
+    assert workspace.get_active(workspace_root).name == "shared"
+    assert at.selectbox(key="models_chosen").value == "shared"
+    assert "shared is now the active model" in texts(at.success)
+    assert not [b for b in at.button if b.label == "Make shared active"]
+
+
 def test_a_pickle_is_refused_and_never_loaded(workspace_root):
     at = open_page("models")
     data = pickle.dumps({"not": "a model"})
