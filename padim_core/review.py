@@ -149,8 +149,7 @@ def modified_z_scores(scores: Sequence[float] | np.ndarray) -> np.ndarray:
     values = np.asarray(scores, dtype=np.float64)
     if values.ndim != 1 or values.size == 0:
         raise ValueError(f"expected scores of shape (N,), got {values.shape}")
-    median = np.median(values)
-    spread = MAD_TO_SIGMA * np.median(np.abs(values - median))
+    median, spread = _median_and_spread(values)
     deviation = values - median
     if spread > 0:
         return deviation / spread
@@ -161,6 +160,12 @@ def modified_z_scores(scores: Sequence[float] | np.ndarray) -> np.ndarray:
         stacklevel=2,
     )
     return np.where(deviation == 0, 0.0, np.copysign(np.inf, deviation))
+
+
+def _median_and_spread(values: np.ndarray) -> tuple[float, float]:
+    """The median of ``values`` and 1.4826 times their median absolute deviation."""
+    median = float(np.median(values))
+    return median, MAD_TO_SIGMA * float(np.median(np.abs(values - median)))
 
 
 def fit_with_review(
@@ -367,14 +372,13 @@ def _flag(rows: list[ReviewRow]) -> float | None:
     """Set each row's modified z-score and flag; return the score cut-off."""
     if not rows:
         return None
-    scores = np.array([row.score for row in rows])
+    scores = np.array([row.score for row in rows], dtype=np.float64)
     values = modified_z_scores(scores)
     for row, value in zip(rows, values.tolist()):
         row.modified_z = value
         row.flagged = value > MODIFIED_Z_CUTOFF
-    median = np.median(scores)
-    spread = MAD_TO_SIGMA * np.median(np.abs(scores - median))
-    return float(median + MODIFIED_Z_CUTOFF * spread)
+    median, spread = _median_and_spread(scores)
+    return median + MODIFIED_Z_CUTOFF * spread
 
 
 def csv_text(review: TrainingReview, path_text: Callable[[str], str] = str) -> str:
