@@ -389,12 +389,18 @@ def _standard_output(divert: bool) -> Iterator[TextIO]:
         os.close(kept)
 
 
-def _check_text_output(option: str, path: Path, kind: str) -> None:
+def _check_text_output(
+    option: str, path: Path, kind: str, model: Path | None = None
+) -> None:
     """Refuse a CSV or JSON output that cannot be written or would replace a model.
 
-    A model file is never overwritten by a report: neither the one in use nor
-    any other ``.safetensors`` file.
+    A model file is never overwritten by a report: neither ``model``, the
+    ``--model`` in use, nor any other ``.safetensors`` file.
     """
+    if model is not None and path.resolve() == model.resolve():
+        raise UsageError(
+            f"{option} {path}: is the --model file; give the {kind} a file of its own"
+        )
     if path.is_dir():
         raise UsageError(f"{option} {path}: is a folder; give a {kind} file name")
     if not path.parent.is_dir():
@@ -408,11 +414,7 @@ def _check_text_output(option: str, path: Path, kind: str) -> None:
 def _check_predict_outputs(args: argparse.Namespace) -> None:
     """Refuse outputs that cannot be written, before any image is scored."""
     if args.csv is not None:
-        if args.csv.resolve() == args.model.resolve():
-            raise UsageError(
-                f"--csv {args.csv}: is the --model file; give the CSV a file of its own"
-            )
-        _check_text_output("--csv", args.csv, "CSV")
+        _check_text_output("--csv", args.csv, "CSV", args.model)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: is a file; give a folder for the heatmaps")
 
@@ -492,12 +494,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Print metrics of the model on an MVTec-layout test set as JSON."""
     _check_batch_size(args.batch_size)
     if args.json is not None:
-        if args.json.resolve() == args.model.resolve():
-            raise UsageError(
-                f"--json {args.json}: is the --model file; give the JSON a file of "
-                "its own"
-            )
-        _check_text_output("--json", args.json, "JSON")
+        _check_text_output("--json", args.json, "JSON", args.model)
     start = time.perf_counter()
     try:
         samples, skipped = read_test_set(args.data)
